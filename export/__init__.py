@@ -1,0 +1,1 @@
+"""Exporters: one module per backend (installed as edge_gemma.export)."""
