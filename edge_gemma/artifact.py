@@ -1,0 +1,216 @@
+"""The exported artifact: one directory, one `manifest.json`, checksums for every file, written atomically.
+
+Layout (schema version 1)::
+
+    ARTIFACT/
+      manifest.json        schema version, model config, quant manifest, tokenizer, backends, caches, PLE layout,
+                           fidelity figures, and the sha256 + size of every other file
+      ple.bin              the Per-Layer-Embedding table, raw and page-aligned, memory-mapped by every backend
+      tokenizer/...        tokenizer.json (or tokenizer.model), tokenizer_config.json, chat_template.jinja
+      onnx/ executorch/ litert/    one folder per backend
+
+Writing goes to a temporary sibling directory that is renamed into place only when every file and the manifest are
+complete, so an export killed half-way leaves no OUT directory (and an existing OUT is replaced only on request).
+Reading validates the schema version and that every file the manifest lists exists with its recorded size;
+`verify()` also recomputes every sha256 (`edge-gemma inspect --verify`).
+
+No torch here: a device reads artifacts with numpy only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PAGE = 4096  # alignment of raw tensor files such as ple.bin, so they can be memory-mapped page by page
+
+__all__ = ["Artifact", "ArtifactError", "ArtifactWriter", "SCHEMA_VERSION", "sha256_file"]
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be used: the message names the file and what is wrong."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileEntry:
+    path: str  # relative to the artifact root, '/'-separated
+    size: int
+    sha256: str
+
+
+class ArtifactWriter:
+    """Builds an artifact in a temporary directory next to `out`; `commit()` renames it into place.
+
+    Use as a context manager: leaving the block with an exception removes the temporary directory, so nothing
+    half-written is ever visible at `out`::
+
+        with ArtifactWriter(out, force=False) as w:
+            w.write_bytes("onnx/decoder.onnx", data)       # or w.path("onnx/x.onnx") and write it yourself
+            w.manifest["backends"] = {...}
+        # committed here
+    """
+
+    def __init__(self, out: str | Path, *, force: bool = False):
+        self.out = Path(out).resolve()
+        if self.out.exists() and not force:
+            raise ArtifactError(f"{self.out}: already exists; pass --force to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.force = force
+        _remove_stale_temporaries(self.out)
+        self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
+        self.manifest: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+        self._committed = False
+
+    def __enter__(self) -> "ArtifactWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self._committed:
+            self.commit()
+        elif not self._committed:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def path(self, rel: str) -> Path:
+        """Absolute path for a file inside the artifact (parent folders are created)."""
+        p = self.root / rel
+        if self.root not in p.resolve().parents:
+            raise ArtifactError(f"{rel}: artifact file paths must stay inside the artifact")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write_bytes(self, rel: str, data: bytes) -> Path:
+        p = self.path(rel)
+        p.write_bytes(data)
+        return p
+
+    def write_json(self, rel: str, obj: Any) -> Path:
+        return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def copy_in(self, src: str | Path, rel: str) -> Path:
+        p = self.path(rel)
+        shutil.copyfile(src, p)
+        return p
+
+    def _files(self) -> Iterator[Path]:
+        for p in sorted(self.root.rglob("*")):
+            if p.is_file() and p.name != MANIFEST:
+                yield p
+
+    def commit(self) -> Path:
+        """Checksum every file, write the manifest last, then rename the directory into place."""
+        files = []
+        for p in self._files():
+            rel = p.relative_to(self.root).as_posix()
+            files.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
+        self.manifest["files"] = files
+        tmp_manifest = self.root / (MANIFEST + ".tmp")
+        tmp_manifest.write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp_manifest, self.root / MANIFEST)
+        for p in [self.root, *[q for q in self.root.rglob("*") if q.is_dir()]]:
+            _fsync_dir(p)
+        if self.out.exists():
+            if not self.force:
+                raise ArtifactError(f"{self.out}: appeared while exporting; pass --force to replace it")
+            # Move the old artifact aside first, so a crash between the two renames still leaves one whole artifact.
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            os.replace(self.out, old / "a")
+            os.replace(self.root, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.root, self.out)
+        _fsync_dir(self.out.parent)
+        self._committed = True
+        log.info("wrote artifact %s (%d files)", self.out, len(files))
+        return self.out
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove temporary directories left by earlier exports of `out` that were killed (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*-*"):
+        try:
+            pid = int(tmp.name[len(f".{out.name}.tmp-"):].split("-", 1)[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by a killed export (pid %d)", tmp, pid)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Artifact:
+    """A validated, read-only view of an artifact directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        mpath = self.root / MANIFEST
+        if not mpath.is_file():
+            raise ArtifactError(f"{self.root}: not an edge-gemma artifact (no {MANIFEST})")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{mpath}: not valid JSON ({exc})") from None
+        version = self.manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{mpath}: schema_version {version!r} is not supported by this edge-gemma "
+                f"(it reads version {SCHEMA_VERSION}); re-export the checkpoint or upgrade edge-gemma"
+            )
+        self.files = {e["path"]: FileEntry(**e) for e in self.manifest.get("files", [])}
+        for entry in self.files.values():
+            p = self.root / entry.path
+            if not p.is_file():
+                raise ArtifactError(f"{p}: listed in {MANIFEST} but missing")
+            if p.stat().st_size != entry.size:
+                raise ArtifactError(f"{p}: size {p.stat().st_size} differs from the manifest's {entry.size}")
+
+    def path(self, rel: str) -> Path:
+        if rel not in self.files:
+            raise ArtifactError(f"{self.root}: {rel} is not part of this artifact")
+        return self.root / rel
+
+    def verify(self) -> list[str]:
+        """Recompute every checksum; returns the list of files that differ (empty when the artifact is intact)."""
+        bad = []
+        for entry in self.files.values():
+            if sha256_file(self.root / entry.path) != entry.sha256:
+                bad.append(entry.path)
+        return bad
+
+    @property
+    def backends(self) -> dict[str, Any]:
+        return self.manifest.get("backends", {})

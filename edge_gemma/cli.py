@@ -1,0 +1,47 @@
+"""The `edge-gemma` command. Thin: every subcommand is a module with `add_arguments(parser)` and `run(args) -> int`,
+imported only when that subcommand runs, so `edge-gemma run` on a Raspberry Pi never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "verify": ("edge_gemma.verify", "compare our model with the transformers reference on a checkpoint"),
+    "quantize": ("edge_gemma.quantize.cli", "quantize a checkpoint once (int8/int4) and report what it costs"),
+    "demo": ("edge_gemma.demo", "the main job on the embedded default model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Parse the command name first so that only its module is imported.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = [a for a in argv if not a.startswith("-")]
+    parser = argparse.ArgumentParser(prog="edge-gemma")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if names and names[0] == name:
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        if args.verbose:
+            raise
+        print(f"edge-gemma {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
