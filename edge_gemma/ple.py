@@ -1,0 +1,167 @@
+"""`ple.bin`: the Per-Layer-Embedding table, outside every graph, memory-mapped and gathered a few rows at a time.
+
+The PLE table (`embed_tokens_per_layer`, [vocab, layers * P]: 2.35 G values for E2B, 2.82 G for E4B) is the largest
+tensor of the model, yet each token reads only one row of it. Every backend's decoder therefore takes the gathered
+rows as an input, and the engine reads them from this file through a numpy memmap: only the pages of the rows that
+were used become resident.
+
+Layout: raw segments, each starting on a 4096-byte page boundary, described by the manifest entry (never guessed)::
+
+    {"file": "ple.bin", "rows": V, "num_layers": L, "dim": P, "scheme": <quantize scheme dict or null>,
+     "segments": {"qdata": {"offset": 0, "dtype": "uint8", "shape": [V, L*P/2]},     # int4: two codes per byte
+                  "scales": {"offset": 1179648000, "dtype": "bfloat16", "shape": [V, L*P/G]}}}
+
+A float table has one segment `tensor` (float32). Quantized segments hold exactly the bytes of the quantized
+checkpoint (`quantize/schemes.py` documents them); bfloat16 scales are stored as their raw 16-bit patterns.
+The rows returned by `gather` are float32 and NOT multiplied by sqrt(P): the decoder graphs apply that scale.
+
+No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+import numpy as np
+
+from edge_gemma.quantize.schemes import Scheme, bf16_bits_to_f32, f32_to_bf16_bits, scheme_from_dict
+
+PAGE = 4096
+ROW_CHUNK = 4096  # rows per write when streaming a table
+
+_NP_DTYPES = {"uint8": np.uint8, "int8": np.int8, "float32": np.float32, "bfloat16": np.uint16}
+
+
+def _align(n: int) -> int:
+    return (n + PAGE - 1) // PAGE * PAGE
+
+
+@dataclass(frozen=True)
+class _Segment:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]  # rows first: [V, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.dtype(_NP_DTYPES[self.dtype]).itemsize * np.prod(self.shape))
+
+
+def _segments(rows: int, cols: int, scheme: Scheme | None) -> list[_Segment]:
+    if scheme is None:
+        return [_Segment("tensor", "float32", (rows, cols))]
+    layout = scheme.stored_layout((rows, cols))
+    out = []
+    for name, (dtype, shape) in layout.items():
+        dt = {"U8": "uint8", "I8": "int8", "BF16": "bfloat16", "F32": "float32"}.get(dtype, dtype)
+        out.append(_Segment(name, dt, tuple(int(x) for x in shape)))
+    return out
+
+
+def write_ple(
+    out: BinaryIO | str | Path,
+    *,
+    rows: int,
+    num_layers: int,
+    dim: int,
+    scheme: Scheme | None,
+    read_rows: Callable[[int, int], dict[str, np.ndarray]],
+    file_name: str = "ple.bin",
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Stream the table into `out`, ROW_CHUNK rows at a time, and return its manifest entry.
+
+    `read_rows(start, stop)` returns the stored arrays of those rows: `{"tensor": float}` for a float table, or the
+    scheme's stored arrays (`qdata`, `scales` as bf16-exact float32, `zeros`) for a quantized one.
+    """
+    cols = num_layers * dim
+    segments = _segments(rows, cols, scheme)
+    offsets, pos = {}, 0
+    for seg in segments:
+        offsets[seg.name] = pos
+        pos = _align(pos + seg.nbytes)
+    own = isinstance(out, (str, Path))
+    f = open(out, "wb") if own else out
+    try:
+        f.truncate(pos)
+        for start in range(0, rows, ROW_CHUNK):
+            stop = min(rows, start + ROW_CHUNK)
+            arrays = read_rows(start, stop)
+            for seg in segments:
+                if seg.name not in arrays:
+                    raise ValueError(f"{file_name}: rows {start}:{stop} lack the {seg.name!r} array")
+                a = np.asarray(arrays[seg.name])
+                if a.shape != (stop - start, *seg.shape[1:]):
+                    raise ValueError(
+                        f"{file_name}: {seg.name} rows {start}:{stop} have shape {a.shape}, expected "
+                        f"{(stop - start, *seg.shape[1:])}"
+                    )
+                if seg.dtype == "bfloat16":
+                    a = f32_to_bf16_bits(a.astype(np.float32))
+                else:
+                    a = a.astype(_NP_DTYPES[seg.dtype], copy=False)
+                row_bytes = seg.nbytes // seg.shape[0]
+                f.seek(offsets[seg.name] + start * row_bytes)
+                f.write(np.ascontiguousarray(a).tobytes())
+            if progress is not None:
+                progress(stop - start)
+    finally:
+        if own:
+            f.close()
+    return {
+        "file": file_name,
+        "rows": rows,
+        "num_layers": num_layers,
+        "dim": dim,
+        "scheme": scheme.to_dict() if scheme is not None else None,
+        "size": pos,
+        "segments": {
+            s.name: {"offset": offsets[s.name], "dtype": s.dtype, "shape": list(s.shape)} for s in segments
+        },
+    }
+
+
+class PleTable:
+    """Read-only view of `ple.bin`: `gather(ids) -> [S, L, P] float32` through memory maps."""
+
+    def __init__(self, path: str | Path, entry: dict[str, Any]):
+        self.path = Path(path)
+        self.rows, self.num_layers, self.dim = int(entry["rows"]), int(entry["num_layers"]), int(entry["dim"])
+        self.scheme = scheme_from_dict(entry["scheme"]) if entry.get("scheme") else None
+        size = self.path.stat().st_size
+        self.maps: dict[str, np.ndarray] = {}
+        for name, seg in entry["segments"].items():
+            dtype = _NP_DTYPES[seg["dtype"]]
+            shape = tuple(int(x) for x in seg["shape"])
+            end = int(seg["offset"]) + int(np.dtype(dtype).itemsize * np.prod(shape))
+            if end > size:
+                raise ValueError(f"{self.path}: segment {name!r} ends at byte {end}, but the file has {size} bytes")
+            self.maps[name] = np.memmap(self.path, dtype=dtype, mode="r", offset=int(seg["offset"]), shape=shape)
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the table for `ids` [S] as float32 `[S, num_layers, dim]` (unscaled)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.rows):
+            bad = ids[(ids < 0) | (ids >= self.rows)][0]
+            raise ValueError(f"{self.path}: token id {bad} is outside the PLE table (rows 0..{self.rows - 1})")
+        if self.scheme is None:
+            rows = np.asarray(self.maps["tensor"][ids], dtype=np.float32)
+        else:
+            stored = {}
+            for name, m in self.maps.items():
+                part = np.asarray(m[ids])
+                stored[name] = bf16_bits_to_f32(part) if m.dtype == np.uint16 else part
+            rows = self.scheme.decode(stored, (ids.size, self.num_layers * self.dim)).astype(np.float32, copy=False)
+        return rows.reshape(ids.size, self.num_layers, self.dim)
+
+    def iter_segments(self) -> Iterator[tuple[str, np.ndarray]]:
+        yield from self.maps.items()
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            mm = getattr(m, "_mmap", None)
+            if mm is not None:
+                mm.close()
+        self.maps = {}

@@ -1,0 +1,87 @@
+"""The backend interface: what the engine asks of ONNX Runtime, ExecuTorch, LiteRT and LiteRT-LM alike.
+
+A backend owns its graphs and its KV cache (ONNX passes caches in and out of the session, ExecuTorch keeps them in
+mutable buffers, LiteRT-LM keeps its own); the engine never touches a cache tensor. The engine owns everything that
+is the same for every backend: the processors (prompt format, placeholders, features), the PLE gather from the
+artifact's memory-mapped `ple.bin`, the merge of image/audio soft tokens into the embeddings, positions, sampling,
+stop tokens and streaming.
+
+Contract, all numpy, batch size 1 (shapes without the batch dimension):
+
+* `embed(ids [S] int64) -> [S, H] float32`: the main embedding, already multiplied by sqrt(H) (Gemma's
+  `embed_scale`), before any soft token is merged in.
+* `prefill(embeds [S, H] float32, ple_rows [S, L, P] float32, positions [S] int64) -> logits [V] float32`:
+  runs S tokens at the given absolute positions (S <= `capabilities.max_prefill_chunk`), writes their K/V into the
+  cache-owning layers' caches, returns the final-softcapped logits of the LAST position. `ple_rows` are the raw rows
+  of the PLE table for the tokens (placeholder ids replaced by pad), NOT yet multiplied by sqrt(P): the graph does
+  that, as the reference model does.
+* `decode(embeds [1, H], ple_rows [1, L, P], positions [1]) -> logits [V]`: one token. A backend may implement it
+  as `prefill` of one token; it exists separately because static-shape backends have a dedicated signature.
+* `encode_image(pixel_values [Np, 3*p*p] float32, position_ids [Np, 2] int64) -> [N, H] float32`: soft tokens
+  after `embed_vision`, only the valid ones (N = number of image placeholder tokens the processor emitted).
+* `encode_audio(features [T, 128] float32, mask [T] bool) -> [N, H] float32`: soft tokens after `embed_audio`,
+  only the valid frames (N = number of audio placeholder tokens).
+* `reset()`: forget every cached position (a new conversation). Positions already written may be overwritten by a
+  later `prefill`/`decode` at the same positions (the engine rewinds a conversation that way).
+
+No torch here: a Raspberry Pi runs this with numpy and one backend wheel.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = ["Backend", "BackendError", "Capabilities"]
+
+
+class BackendError(RuntimeError):
+    """A backend cannot run this artifact (missing wheel, missing graph, wrong shapes); the message says which."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    context: int  # positions the caches hold (the artifact's context length)
+    max_prefill_chunk: int  # most tokens one `prefill` call accepts
+    hidden_size: int
+    vocab_size: int
+    vision: bool
+    audio: bool
+
+
+class Backend(abc.ABC):
+    """One runtime's view of an artifact. Use as a context manager, or call `close()`."""
+
+    name: ClassVar[str]
+
+    capabilities: Capabilities
+
+    @abc.abstractmethod
+    def embed(self, ids: np.ndarray) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def prefill(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> np.ndarray: ...
+
+    def decode(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self.prefill(embeds, ple_rows, positions)
+
+    def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        raise BackendError(f"the {self.name} backend of this artifact has no vision encoder")
+
+    def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        raise BackendError(f"the {self.name} backend of this artifact has no audio encoder")
+
+    @abc.abstractmethod
+    def reset(self) -> None: ...
+
+    def close(self) -> None:
+        """Release sessions and memory maps."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
