@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import lzma
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,3 +26,15 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         "perturbed": tiny.write_checkpoint(root / "perturbed", "a", seed=2, perturbed=True),
         "text_only": tiny.write_checkpoint(root / "text_only", "b", seed=3, text_only=True),
     }
+
+
+@pytest.fixture(scope="session")
+def gemma4_tokenizer_json_dir(tmp_path_factory) -> Path:
+    """tests/data/gemma4_tokenizer with tokenizer.json decompressed (lzma), once per test session, for transformers."""
+    data = REPO / "tests" / "data" / "gemma4_tokenizer"
+    out = tmp_path_factory.mktemp("gemma4_tokenizer_json")
+    with lzma.open(data / "tokenizer.json.xz", "rb") as src, open(out / "tokenizer.json", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(data / name, out / name)
+    return out

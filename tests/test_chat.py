@@ -4,8 +4,6 @@ Gemma 4 tokenizer and chat template (tests/data/gemma4_tokenizer); tool-call par
 from __future__ import annotations
 
 import copy
-import lzma
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +16,6 @@ from edge_gemma.processor import Processor, ProcessorError, expand_media_tokens
 DATA = Path(__file__).parent / "data" / "gemma4_tokenizer"
 
 
-def decompressed_tokenizer_dir(tmp_path_factory) -> Path:
-    """tests/data/gemma4_tokenizer with tokenizer.json decompressed (lzma), once per test session, for transformers."""
-    out = tmp_path_factory.getbasetemp() / "gemma4_tokenizer_json"
-    if not (out / "tokenizer.json").exists():
-        out.mkdir(exist_ok=True)
-        with lzma.open(DATA / "tokenizer.json.xz", "rb") as src, open(out / "tokenizer.json.tmp", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        for name in ("tokenizer_config.json", "chat_template.jinja"):
-            shutil.copy(DATA / name, out / name)
-        (out / "tokenizer.json.tmp").replace(out / "tokenizer.json")
-    return out
 # The names the HF converter registers as `extra_special_tokens` (gemma4-architecture.md section 7); the processor
 # reads image/audio tokens from them. Our tokenizer_config.json (rebuilt from the GGUF) does not carry them.
 EXTRA_SPECIAL = {
@@ -38,9 +25,9 @@ EXTRA_SPECIAL = {
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
+def hf_dir(gemma4_tokenizer_json_dir) -> Path:
     """tests/data/gemma4_tokenizer with tokenizer.json decompressed, for transformers."""
-    return decompressed_tokenizer_dir(tmp_path_factory)
+    return gemma4_tokenizer_json_dir
 
 
 @pytest.fixture(scope="module")

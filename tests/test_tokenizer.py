@@ -4,8 +4,6 @@ streaming detokenization, any tokenizer.json that carries the Gemma 4 special to
 from __future__ import annotations
 
 import json
-import lzma
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,17 +13,6 @@ from edge_gemma.tokenizer import SPECIAL_TOKEN_STRINGS, Tokenizer, TokenizerErro
 DATA = Path(__file__).parent / "data" / "gemma4_tokenizer"
 
 
-def decompressed_tokenizer_dir(tmp_path_factory) -> Path:
-    """tests/data/gemma4_tokenizer with tokenizer.json decompressed (lzma), once per test session, for transformers."""
-    out = tmp_path_factory.getbasetemp() / "gemma4_tokenizer_json"
-    if not (out / "tokenizer.json").exists():
-        out.mkdir(exist_ok=True)
-        with lzma.open(DATA / "tokenizer.json.xz", "rb") as src, open(out / "tokenizer.json.tmp", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        for name in ("tokenizer_config.json", "chat_template.jinja"):
-            shutil.copy(DATA / name, out / name)
-        (out / "tokenizer.json.tmp").replace(out / "tokenizer.json")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +21,9 @@ def tok() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def hf_tok(tmp_path_factory):
+def hf_tok(gemma4_tokenizer_json_dir):
     transformers = pytest.importorskip("transformers")
-    out = decompressed_tokenizer_dir(tmp_path_factory)
+    out = gemma4_tokenizer_json_dir
     return transformers.AutoTokenizer.from_pretrained(str(out))
 
 
