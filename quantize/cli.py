@@ -1,0 +1,86 @@
+"""``edge-gemma quantize`` arguments and entry point; the main CLI (edge_gemma/cli.py) calls ``add_arguments(parser)``
+on its subparser and ``run(args)``.
+
+Only this module prints (the table); the library logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .recipes import RECIPES
+from .report import REPORT_FILENAME
+from .stream import quantize_checkpoint
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="Hugging Face checkpoint directory (model.safetensors or sharded with an "
+                                           "index), a single .safetensors file, or 'default' (the embedded model)")
+    parser.add_argument("--recipe", default="int4", choices=sorted(RECIPES),
+                        help="quantization recipe (default: int4); written into quant_manifest.json")
+    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size limit in GiB (default 2)")
+    parser.add_argument("--chunk-mb", type=int, default=32, help="float32 MiB processed at once (bounds memory)")
+    parser.add_argument("--report-top", type=int, default=None,
+                        help="print only the N tensors with the largest error (default: all)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--algorithm", choices=("rtn", "gptq"), default="rtn",
+                        help="rtn: round to nearest, streaming (default); gptq: GPTQ for the text linears, using "
+                             "--calibration (loads the float text model into memory)")
+    parser.add_argument("--calibration", metavar="TEXT_FILE",
+                        help="UTF-8 text for GPTQ calibration, tokenized with the checkpoint's tokenizer")
+    parser.add_argument("--quality-text", metavar="TEXT_FILE",
+                        help="held-out UTF-8 text: also report model-level quality (KL, top-1 agreement, perplexity) "
+                             "of the quantized model against the float one (writes quant_quality.json)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration/evaluation sequence")
+    parser.add_argument("--max-sequences", type=int, default=128, help="at most this many sequences per text")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_gemma.paths import resolve_checkpoint  # `default` = the embedded tiny model
+
+    src = resolve_checkpoint(args.checkpoint)
+    kwargs = dict(max_shard_bytes=int(args.max_shard_gb * 2**30), chunk_bytes=args.chunk_mb * 2**20,
+                  overwrite=args.overwrite, progress=not args.no_progress)
+    if args.algorithm == "gptq":
+        if not args.calibration:
+            raise ValueError("--algorithm gptq needs --calibration TEXT_FILE")
+        from .calibrate import gptq_quantize_checkpoint
+
+        report = gptq_quantize_checkpoint(src, args.recipe, args.out, _batches(src, args.calibration, args), **kwargs)
+    else:
+        report = quantize_checkpoint(src, args.recipe, args.out, **kwargs)
+    sort = "error" if args.report_top is not None else "order"
+    print(report.format_table(limit=args.report_top, sort=sort))
+    if args.quality_text:
+        from .calibrate import quality_report
+
+        print(quality_report(src, args.out, _batches(src, args.quality_text, args)).format())
+    print(f"wrote {args.out} (per-tensor errors in {Path(args.out) / REPORT_FILENAME})")
+    return 0
+
+
+def _batches(src: Path, text_file: str, args: argparse.Namespace):
+    from edge_gemma.tokenizer import Tokenizer
+
+    from .calibrate import token_batches
+
+    ids = Tokenizer.from_dir(src).encode(Path(text_file).read_text(encoding="utf-8"), add_bos=False)
+    return token_batches(ids, args.seq_len, args.max_sequences)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m edge_gemma.quantize.cli``), for use before the main CLI wires it in."""
+    parser = argparse.ArgumentParser(prog="edge-gemma quantize",
+                                     description="quantize a checkpoint once (int8/int4) and report what it costs")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
