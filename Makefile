@@ -13,7 +13,7 @@ BACKENDS ?=
 OUT ?=
 CONTEXT ?= 4096
 
-.PHONY: setup test demo verify quantize export bench clean-venv
+.PHONY: setup test demo verify quantize export run bench clean-venv
 
 setup: $(STAMP)
 
@@ -25,9 +25,22 @@ $(STAMP): pyproject.toml scripts/setup.sh
 test: setup
 	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
-# The README's main command: the main job on the embedded default model.
+# The README's main command: the main job on the embedded default model. Exports it (int4, every implemented
+# backend, fidelity checked) to artifacts/default-int4/, then answers a prompt from the artifact, streamed.
 demo: setup
-	$(VENV)/bin/edge-gemma demo
+	$(VENV)/bin/edge-gemma export default --quant int4 --out artifacts/default-int4 --force
+	$(VENV)/bin/edge-gemma run artifacts/default-int4 --prompt "$(PROMPT)" --stats
+
+# make export [VARIANT=e2b|e4b] [CHECKPOINT=dir] [QUANT=int4] [BACKENDS=onnx] [OUT=dir] [CONTEXT=4096]
+# Writes artifacts/<name>-<quant>/ (name: the variant, the checkpoint folder, or `default` for the embedded model).
+# --quant is passed only when QUANT is given, so a CHECKPOINT made by `edge-gemma quantize` keeps its own recipe.
+export: setup
+	$(VENV)/bin/edge-gemma export $(CHECKPOINT) $(if $(VARIANT),--variant $(VARIANT)) $(if $(filter command line environment,$(origin QUANT)),--quant $(QUANT)) $(if $(BACKENDS),--backends $(BACKENDS)) $(if $(OUT),--out $(OUT)) --context $(CONTEXT)
+
+PROMPT ?= What does json.dumps do?
+ARTIFACT ?= artifacts/default-int4
+run: setup
+	$(VENV)/bin/edge-gemma run $(ARTIFACT) --prompt "$(PROMPT)"
 
 verify: setup
 	$(VENV)/bin/edge-gemma verify $(if $(CHECKPOINT),$(CHECKPOINT),default)

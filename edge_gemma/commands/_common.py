@@ -1,0 +1,76 @@
+"""Arguments and model opening shared by `run`, `chat` and `bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULT_EAGER_CONTEXT = 2048
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("artifact", help="artifact directory (from `edge-gemma export`); a checkpoint directory or "
+                                         "'default' runs the eager reference model instead (needs torch)")
+    parser.add_argument("--backend", choices=["onnx", "executorch", "litert", "litert-lm", "eager"], default=None,
+                        help="runtime (default: the first of onnx, litert, executorch that the artifact holds and "
+                             "that is installed)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
+    parser.add_argument("--image-tokens", type=int, default=280, choices=[70, 140, 280, 560, 1120],
+                        help="soft-token budget of each image (default 280)")
+    parser.add_argument("--context", type=int, default=DEFAULT_EAGER_CONTEXT,
+                        help=f"context of the eager model on a checkpoint (default {DEFAULT_EAGER_CONTEXT}); an "
+                             "artifact has its own")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int = 256) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def is_artifact(path: str) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def open_model(args: argparse.Namespace):
+    """An artifact through the runtime registry (no torch), or a checkpoint through the eager backend."""
+    from edge_gemma import api
+
+    if is_artifact(args.artifact):
+        if args.backend == "eager":
+            raise ValueError("--backend eager runs a checkpoint directory, not an artifact")
+        return api.open(args.artifact, backend=args.backend, threads=args.threads,
+                        max_soft_tokens=args.image_tokens)
+    path = args.artifact
+    if path != "default" and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: neither an artifact (no manifest.json) nor a checkpoint (no config.json)")
+    if args.backend not in (None, "eager"):
+        raise ValueError(f"{path} is a checkpoint, not an artifact: only the eager backend runs it "
+                         f"(export it first: edge-gemma export {path} --backends {args.backend})")
+    return api.open_checkpoint(path, context=args.context, max_soft_tokens=args.image_tokens, threads=args.threads)
+
+
+def read_tools(path: str | None) -> list[dict] | None:
+    if not path:
+        return None
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such tools file") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(tools, dict) and "tools" in tools:
+        tools = tools["tools"]
+    if not isinstance(tools, list):
+        raise ValueError(f"{path}: expected a JSON list of function declarations, found {type(tools).__name__}")
+    return tools

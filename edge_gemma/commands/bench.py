@@ -1,0 +1,144 @@
+"""`edge-gemma bench ARTIFACT [--budget pi5|phone]`: prefill and decode speed, time to first token, peak memory.
+
+The prompt is made of exactly `--prompt-tokens` tokens (held-out text, repeated as needed); `--ignore-eos` keeps
+decoding past stop tokens so that `--new-tokens` are always measured. With `--budget DEVICE`, the measurement is
+judged against the published figures of peers (edge_gemma/data/budgets.json, runtimes/budget.py): the command
+exits with status 1 when a figure is over budget and says by how much. `--from-json FILE` judges a measurement
+saved earlier with `--json` (for example one taken on the device) without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from edge_gemma.runtimes.budget import budget_for, verdict
+
+from ._common import add_model_arguments
+
+DEFAULT_PROMPT_TOKENS = 128
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--budget", choices=["pi5", "phone"], help="judge the figures against this device's budget")
+    parser.add_argument("--variant", choices=["e2b", "e4b"],
+                        help="which budget entry (default: the artifact's variant)")
+    parser.add_argument("--prompt-tokens", type=int, default=None,
+                        help=f"prompt length (default: the budget's TTFT prompt length, else {DEFAULT_PROMPT_TOKENS})")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--ignore-eos", action="store_true", help="decode past stop tokens")
+    parser.add_argument("--json", action="store_true", help="print the measurement (and verdict) as JSON on stdout")
+    parser.add_argument("--from-json", metavar="FILE", help="judge this saved measurement instead of running")
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    from edge_gemma.export.fidelity import heldout_text
+
+    body = tokenizer.encode(heldout_text())
+    if not body:
+        raise ValueError("the held-out text tokenizes to nothing")
+    ids = [tokenizer.special.bos]
+    while len(ids) < n:
+        ids.extend(body[: n - len(ids)])
+    return ids[:n]
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from ._common import open_model
+
+    with open_model(args) as model:
+        budget = None
+        n = args.prompt_tokens
+        if n is None and args.budget:
+            budget = budget_for(args.budget, _variant(args, model))
+            n = int(budget.get("ttft_prompt_tokens", DEFAULT_PROMPT_TOKENS))
+        n = n or DEFAULT_PROMPT_TOKENS
+        if n < 1 or args.new_tokens < 1:
+            raise ValueError("--prompt-tokens and --new-tokens must be >= 1")
+        ids = prompt_ids(model.processor.tokenizer, n)
+        opts = model.options(max_new_tokens=args.new_tokens, ignore_eos=args.ignore_eos)
+        stats = model.engine.generate_ids(ids, options=opts).result().stats
+        return {
+            "artifact": str(args.artifact), "backend": model.backend.name,
+            "variant": _variant(args, model, required=False), "threads": args.threads,
+            "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
+            "ttft_s": stats.ttft_s, "prefill_tok_s": stats.prefill_tok_s, "decode_tok_s": stats.decode_tok_s,
+            "peak_rss_mb": stats.peak_rss_mb, "stop_reason": stats.stop_reason,
+        }
+
+
+def _variant(args: argparse.Namespace, model=None, *, required: bool = True) -> str | None:
+    if args.variant:
+        return args.variant
+    variant = None
+    if model is not None and model.artifact is not None:
+        variant = model.artifact.manifest.get("variant")
+    if variant is None and model is not None:
+        from edge_gemma.export.source import variant_of
+
+        variant = variant_of(model.config)
+    if variant is None and required:
+        raise ValueError(f"{args.artifact}: not an E2B or E4B model, so no budget applies; pass --variant to judge "
+                         "it against one anyway")
+    return variant
+
+
+def judge(measured: dict[str, Any], device: str, variant: str) -> tuple[dict[str, Any], list]:
+    budget = budget_for(device, variant)
+    figures = dict(measured)
+    want = budget.get("ttft_prompt_tokens")
+    if want is not None and measured.get("prompt_tokens") not in (None, want):
+        figures["ttft_s"] = None  # a TTFT for another prompt length is not comparable
+    return budget, verdict(figures, budget)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_json:
+        try:
+            measured = json.loads(Path(args.from_json).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{args.from_json}: cannot read the measurement ({exc})") from None
+        measured = measured.get("measured", measured)
+    else:
+        measured = measure(args)
+    result: dict[str, Any] = {"measured": measured}
+    misses = []
+    if args.budget:
+        variant = args.variant or measured.get("variant")
+        if not variant:
+            raise ValueError("no variant to pick a budget for; pass --variant e2b|e4b")
+        budget, misses = judge(measured, args.budget, variant)
+        result["budget"] = {"device": args.budget, "variant": variant, **budget}
+        result["over_budget"] = [
+            {"figure": m.figure, "measured": m.measured, "limit": m.limit, "unit": m.unit, "ratio": m.ratio,
+             "message": str(m)} for m in misses
+        ]
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        m = measured
+
+        def fmt(x, unit, scale=1.0):
+            return "n/a" if x is None else f"{x * scale:.4g} {unit}"
+
+        print(f"prompt {m.get('prompt_tokens')} tokens, {m.get('new_tokens')} new tokens "
+              f"({m.get('backend', '?')} backend)")
+        print(f"  time to first token  {fmt(m.get('ttft_s'), 's')}")
+        print(f"  prefill              {fmt(m.get('prefill_tok_s'), 'tok/s')}")
+        print(f"  decode               {fmt(m.get('decode_tok_s'), 'tok/s')}")
+        print(f"  peak RSS             {fmt(m.get('peak_rss_mb'), 'MB')}")
+        if args.budget:
+            src = result["budget"].get("source", "")
+            if not misses:
+                print(f"within the {args.budget}/{result['budget']['variant']} budget ({src})")
+    if misses:
+        print(f"over the {args.budget}/{result['budget']['variant']} budget "
+              f"({result['budget'].get('source', '')}):", file=sys.stderr)
+        for miss in misses:
+            print(f"  {miss}", file=sys.stderr)
+        return 1
+    return 0

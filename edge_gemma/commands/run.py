@@ -1,0 +1,50 @@
+"""`edge-gemma run ARTIFACT --prompt TEXT`: one answer, streamed to stdout (and nothing else on stdout).
+
+Timings go to stderr with `--stats`; parsed tool calls are listed on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ._common import add_model_arguments, add_sampling_arguments, open_model, read_tools, sampling_kwargs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", required=True, help="the user's message")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE", help="an image (repeatable)")
+    parser.add_argument("--audio", action="append", default=[], metavar="FILE", help="an audio clip (repeatable)")
+    parser.add_argument("--tools", metavar="FILE", help="JSON list of function declarations the model may call")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
+    parser.add_argument("--stats", action="store_true", help="print timings to stderr")
+    add_sampling_arguments(parser)
+
+
+def user_content(prompt: str, images: list[str], audios: list[str]):
+    if not images and not audios:
+        return prompt
+    return ([{"type": "image", "path": p} for p in images] + [{"type": "audio", "path": p} for p in audios]
+            + [{"type": "text", "text": prompt}])
+
+
+def run(args: argparse.Namespace) -> int:
+    tools = read_tools(args.tools)
+    messages = [{"role": "user", "content": user_content(args.prompt, args.image, args.audio)}]
+    with open_model(args) as model:
+        gen = model.generate(messages, tools=tools, system=args.system, enable_thinking=args.thinking,
+                             **sampling_kwargs(args))
+        for piece in gen:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        done = gen.completion
+        for call in done.response.tool_calls:
+            print(f"tool call: {call.name} {json.dumps(call.arguments, ensure_ascii=False)}", file=sys.stderr)
+        if args.stats:
+            print(f"[{model.backend.name}] {done.stats.format()}", file=sys.stderr)
+    return 0

@@ -1,0 +1,171 @@
+"""The torch modules converted to LiteRT: LiteRT-LM's Gemma 4 I/O contract around our eager model's weights.
+
+LiteRT-LM (Google's engine) runs a `.litertlm` whose models follow a fixed contract; our own LiteRT runtime uses the
+very same models, so one export serves both.
+
+* `LitertDecoder`, signatures `prefill_<N>` and `decode`:
+  inputs `embeddings [1,S,H]` (scaled, merged), `per_layer_embeddings [1,S,L,P]` (PLE rows ALREADY multiplied by
+  sqrt(P): the per-layer embedder's output), `input_pos [S] int32`, `mask [1,1,S,T] float32` (0 = visible, a large
+  negative value = hidden: LiteRT-LM fills it causally), `kv_cache_k_<i>` `[1,nkv,T,hd]` and `kv_cache_v_<i>`
+  `[1,nkv,hd,T]` for the cache-owning layers i = 0..first_shared_layer-1 (V transposed: LiteRT-LM's default layout,
+  time index 3); outputs the updated caches under the same names, and `logits [1,1,V]` (decode only, soft-capped).
+  LiteRT-LM pads a prefill chunk at the END and gives the padding `input_pos` 0, so the new K/V are written as one
+  contiguous slice starting at `input_pos[0]` (padding lands on future slots, hidden by the mask and overwritten
+  later) and padded query rows see a fully hidden, finite mask (uniform softmax, never NaN, which would poison the
+  cache). Sliding layers derive their window from `input_pos` and the given causal mask.
+* `LitertEmbedder`, signatures `prefill_embedder_<N>` and `decode_embedder` (and `embedder`):
+  `token_ids [1,S] int32 -> embeddings [1,S,H]` = table[ids] * sqrt(H).
+* `LitertPerLayerEmbedder`, `prefill_per_layer_embedder_<N>` / `decode_per_layer_embedder` / `per_layer_embedder`:
+  `token_ids [1,S] int32 -> embeddings [1,S,L,P]` = PLE rows * sqrt(P). Its own model, so LiteRT-LM memory-maps it.
+* `LitertVision`, `LitertAudio`: our towers plus projections, for our runtime (same I/O as the ONNX graphs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_gemma.model.text import TextDecoder, apply_rope, rope_cos_sin
+
+__all__ = ["LitertAudio", "LitertDecoder", "LitertEmbedder", "LitertPerLayerEmbedder", "LitertVision", "MASK_MIN",
+           "cache_input_names"]
+
+# The hidden value LiteRT-LM's CPU executor writes into float masks (-0.7 * float32 max); finite on purpose.
+MASK_MIN = -0.7 * torch.finfo(torch.float32).max
+
+
+def cache_input_names(n_cache_layers: int) -> list[str]:
+    return [f"kv_cache_{kv}_{i}" for i in range(n_cache_layers) for kv in ("k", "v")]
+
+
+def _dynamic_update_slice(cache: torch.Tensor, update: torch.Tensor, start: torch.Tensor, dim: int) -> torch.Tensor:
+    """`cache` with `update` written along `dim` from index `start` (a 0-d int32): TFLite DYNAMIC_UPDATE_SLICE."""
+    from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
+
+    zero = torch.zeros((1,), dtype=torch.int32)
+    parts = [zero] * cache.dim()
+    parts[dim] = start.reshape(1)
+    return dynamic_update_slice(cache, update, [x for x in torch.cat(parts)])  # 0-d indices, as the op needs
+
+
+class LitertDecoder(nn.Module):
+    """The text decoder with LiteRT-LM's signature I/O (see the module docstring)."""
+
+    def __init__(self, decoder: TextDecoder, context: int, *, logits: bool):
+        super().__init__()
+        self.decoder = decoder
+        self.context = context
+        self.with_logits = logits
+        self.cfg = decoder.cfg
+
+    def _attend(self, attn, x, cos, sin, mask_add, start, cache_k, cache_v, shared):
+        B, S, _ = x.shape
+        hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
+        q = attn.q_norm(attn.q_proj(x).view(B, S, nh, hd))
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, nh, S, hd)
+        new = None
+        if attn.computes_kv:
+            k = attn.k_norm(attn.k_proj(x).view(B, S, nkv, hd))
+            k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, nkv, S, hd)
+            v = attn.v_norm(attn.v_proj(x).view(B, S, nkv, hd)).transpose(1, 2)  # (B, nkv, S, hd)
+            k_all = _dynamic_update_slice(cache_k, k, start, 2)  # (1, nkv, T, hd)
+            vt_all = _dynamic_update_slice(cache_v, v.transpose(2, 3), start, 3)  # (1, nkv, hd, T)
+            new = (k_all, vt_all)
+        else:
+            k_all, vt_all = shared
+        rep = nh // nkv
+        qg = q.reshape(B, nkv, rep * S, hd)  # query heads grouped by their KV head (heads are kv-major)
+        scores = torch.matmul(qg, k_all.transpose(2, 3)).view(B, nkv, rep, S, -1)  # scaling 1.0 (Gemma 4)
+        probs = torch.softmax(scores + mask_add.unsqueeze(1), dim=-1).view(B, nkv, rep * S, -1)
+        out = torch.matmul(probs, vt_all.transpose(2, 3)).view(B, nh, S, hd)
+        out = out.transpose(1, 2).reshape(B, S, nh * hd)
+        return attn.o_proj(out), (new if new is not None else (k_all, vt_all))
+
+    def forward(self, embeddings, per_layer_embeddings, input_pos, mask, **caches):
+        cfg, dec = self.cfg, self.decoder
+        h = embeddings  # (1, S, H)
+        B, S, _ = h.shape
+        proj = dec.per_layer_model_projection(h) * cfg.hidden_size**-0.5
+        proj = dec.per_layer_projection_norm(proj.view(B, S, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
+        ple = (proj + per_layer_embeddings) * 2.0**-0.5  # (1, S, L, P)
+
+        pos = input_pos.to(torch.int64)[None, :]  # (1, S)
+        q = input_pos[:, None]  # (S, 1) int32
+        k = torch.arange(self.context, dtype=torch.int32)[None, :]  # (1, T)
+        global_add = mask[:, 0]  # (1, S, T) additive: 0 visible, MASK_MIN hidden
+        in_window = k > q - cfg.sliding_window  # (S, T)
+        sliding_add = torch.where(in_window[None], global_add, torch.full_like(global_add, MASK_MIN))
+        masks = {False: global_add.unsqueeze(1), True: sliding_add.unsqueeze(1)}  # (1, 1, S, T)
+        rope = {False: rope_cos_sin(dec.full_inv_freq, pos, h.dtype), True: rope_cos_sin(dec.sliding_inv_freq, pos, h.dtype)}
+        start = input_pos[0]
+
+        out: dict[str, torch.Tensor] = {}
+        kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, layer in enumerate(dec.layers):
+            sliding = not cfg.is_full(i)
+            cos, sin = rope[sliding]
+            attn = layer.self_attn
+            ck = caches.get(f"kv_cache_k_{i}") if attn.computes_kv else None
+            cv = caches.get(f"kv_cache_v_{i}") if attn.computes_kv else None
+            shared = kv[dec.kv_source[i]] if not attn.computes_kv else None
+            a, kv[i] = self._attend(attn, layer.input_layernorm(h), cos, sin, masks[sliding][:, 0], start, ck, cv, shared)
+            if attn.computes_kv:
+                out[f"kv_cache_k_{i}"], out[f"kv_cache_v_{i}"] = kv[i]
+            x = h + layer.post_attention_layernorm(a)
+            x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+            g = F.gelu(layer.per_layer_input_gate(x), approximate="tanh") * ple[:, :, i]
+            x = x + layer.post_per_layer_input_norm(layer.per_layer_projection(g))
+            h = x * layer.layer_scalar.to(x.dtype)
+        if self.with_logits:
+            out["logits"] = dec.logits(dec.norm(h[:, -1:]))  # (1, 1, V)
+        return out
+
+
+class LitertEmbedder(nn.Module):
+    """`token_ids [1,S] int32 -> embeddings [1,S,H]` = table[ids] * sqrt(H) (the scale rounded to float32)."""
+
+    def __init__(self, table: nn.Embedding, hidden_size: int):
+        super().__init__()
+        self.table = table
+        self.register_buffer("scale", torch.tensor(hidden_size**0.5, dtype=torch.float32), persistent=False)
+
+    def forward(self, token_ids):
+        return {"embeddings": self.table(token_ids.to(torch.int64)) * self.scale}
+
+
+class LitertPerLayerEmbedder(nn.Module):
+    """`token_ids [1,S] int32 -> embeddings [1,S,L,P]` = PLE rows * sqrt(P), as the decoder's PLE combine expects."""
+
+    def __init__(self, table: nn.Embedding, num_layers: int, dim: int):
+        super().__init__()
+        self.table, self.L, self.P = table, num_layers, dim
+        self.register_buffer("scale", torch.tensor(dim**0.5, dtype=torch.float32), persistent=False)
+
+    def forward(self, token_ids):
+        rows = self.table(token_ids.to(torch.int64))  # (1, S, L*P)
+        return {"embeddings": rows.view(*token_ids.shape, self.L, self.P) * self.scale}
+
+
+class LitertVision(nn.Module):
+    """`(pixel_values [Np, 3p^2], position_ids [Np, 2] int32) -> soft_tokens [Np/k^2, H], valid [Np/k^2]`."""
+
+    def __init__(self, tower: nn.Module, embed: nn.Module):
+        super().__init__()
+        self.tower, self.embed = tower, embed
+
+    def forward(self, pixel_values, position_ids):
+        soft, valid = self.tower(pixel_values.unsqueeze(0), position_ids.to(torch.int64).unsqueeze(0))
+        return {"soft_tokens": self.embed(soft)[0], "valid": valid[0].to(torch.int32)}
+
+
+class LitertAudio(nn.Module):
+    """`(features [T, 128], mask [T] int32 0/1) -> soft_tokens [T', H], valid [T']`."""
+
+    def __init__(self, tower: nn.Module, embed: nn.Module):
+        super().__init__()
+        self.tower, self.embed = tower, embed
+
+    def forward(self, features, mask):
+        hidden, valid = self.tower(features.unsqueeze(0), (mask != 0).unsqueeze(0))
+        return {"soft_tokens": self.embed(hidden)[0], "valid": valid[0].to(torch.int32)}

@@ -1,0 +1,211 @@
+"""Quantized linears for the ONNX export: OUR integers as `com.microsoft::MatMulNBits`, never re-quantized.
+
+`QuantLinear` replaces an `nn.Linear` whose weight the quantized checkpoint stores as int4/int8 codes. It holds the
+MatMulNBits inputs as buffers, made from the checkpoint's stored arrays by a pure byte re-arrangement (no rounding):
+
+* int4 (`Int4Group`, symmetric, group G): `qdata` uint8 `[N, K/2]` is already MatMulNBits' layout (offset-binary
+  `u = q + 8`, low nibble first); B is the same bytes viewed as `[N, K/G, G/2]`, `block_size = G`, no zero points (the
+  implicit zero point is 8). Scales `[N, K/G]` bf16-exact -> float32 `[N * K/G]`.
+* int4-asym (`Int4GroupAsym`): the same, plus `zeros` (uint8, packed low nibble first per row) as MatMulNBits'
+  `zero_points` `[N * ceil(K/G / 2)]`.
+* int8 per channel (`Int8PerChannel`): MatMulNBits with `bits=8`. Codes `q` in [-127, 127] become `u = q + 128`
+  (= `q XOR 0x80` on the byte, bijective), the implicit 8-bit zero point is 128. The block size is the largest power of
+  two <= 32 dividing K (>= 16), and the row scale is repeated for every block of the row (exact copies).
+  Why MatMulNBits and not DequantizeLinear + MatMul: ORT would constant-fold the dequantization into a float weight
+  (4x the memory), and MatMulInteger needs the activations quantized per tensor by the graph. With
+  `accuracy_level=4` MatMulNBits quantizes the activations to int8 per block of `block_size` inside its kernel
+  (platform notes: 8-bit MatMulNBits is ~20x slower without it).
+
+The torch side is a custom op `edge_gemma::matmul_nbits` whose eager implementation dequantizes and matmuls (optionally
+emulating accuracy_level=4's activation quantization, `emulate_activation_quant`, bit-for-bit the same rounding as
+ONNX Runtime's kernels up to float summation order), and whose ONNX translation (`TRANSLATION_TABLE`, passed to
+`torch.onnx.export(custom_translation_table=...)`) is one MatMulNBits node. `stored_from_matmulnbits` is the inverse
+re-arrangement, used by the tests to read the initializers back and compare them byte for byte with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel, Scheme
+
+__all__ = [
+    "ACCURACY_LEVEL", "QuantLinear", "TRANSLATION_TABLE", "emulate_activation_quant", "int8_block_size",
+    "matmulnbits_arrays", "stored_from_matmulnbits",
+]
+
+ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: the fast CPU path (MLAS CompInt8)
+INT8_MAX_BLOCK = 32
+
+
+def int8_block_size(k: int) -> int:
+    """Block size for an int8 per-channel weight with input dim `k`: the largest power of two <= 32 dividing it."""
+    bs = INT8_MAX_BLOCK
+    while bs >= 16:
+        if k % bs == 0:
+            return bs
+        bs //= 2
+    raise ValueError(f"int8 weight with input dim K={k}: MatMulNBits needs K to be a multiple of 16")
+
+
+def matmulnbits_arrays(scheme: Scheme, stored: dict[str, np.ndarray], shape: tuple[int, int]) -> dict[str, object]:
+    """Stored checkpoint arrays -> MatMulNBits inputs and attributes (`b`, `scales`, `zeros` or None, `bits`,
+    `block_size`). Pure re-arrangement of the same integers; scales stay the bf16-exact float32 values."""
+    n, k = shape
+    if isinstance(scheme, Int4Group):  # includes Int4GroupAsym
+        g = scheme.group_size
+        b = np.ascontiguousarray(stored["qdata"], dtype=np.uint8).reshape(n, k // g, g // 2)
+        scales = np.ascontiguousarray(stored["scales"], dtype=np.float32).reshape(-1)
+        zeros = None
+        if isinstance(scheme, Int4GroupAsym):
+            zeros = np.ascontiguousarray(stored["zeros"], dtype=np.uint8).reshape(-1)
+        return {"b": b, "scales": scales, "zeros": zeros, "bits": 4, "block_size": g}
+    if isinstance(scheme, Int8PerChannel):
+        bs = int8_block_size(k)
+        q = np.asarray(stored["qdata"])
+        if q.dtype != np.int8 or q.shape != (n, k):
+            raise ValueError(f"int8 weight: qdata is {q.dtype} {q.shape}, expected int8 {(n, k)}")
+        b = (q.view(np.uint8) ^ np.uint8(0x80)).reshape(n, k // bs, bs)
+        scales = np.repeat(np.asarray(stored["scales"], dtype=np.float32).reshape(n, 1), k // bs, axis=1).reshape(-1)
+        return {"b": b, "scales": scales, "zeros": None, "bits": 8, "block_size": bs}
+    raise ValueError(f"scheme {scheme.label} has no MatMulNBits form")
+
+
+def stored_from_matmulnbits(scheme: Scheme, b: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
+                            shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Inverse of `matmulnbits_arrays`: MatMulNBits initializers -> the checkpoint's stored arrays. Raises if the
+    repeated int8 scales are not all equal (they would not be one row scale)."""
+    n, k = shape
+    if isinstance(scheme, Int4Group):
+        out = {"qdata": np.asarray(b, dtype=np.uint8).reshape(n, k // 2),
+               "scales": np.asarray(scales, dtype=np.float32).reshape(n, k // scheme.group_size)}
+        if isinstance(scheme, Int4GroupAsym):
+            out["zeros"] = np.asarray(zeros, dtype=np.uint8).reshape(n, -1)
+        return out
+    if isinstance(scheme, Int8PerChannel):
+        bs = int8_block_size(k)
+        sc = np.asarray(scales, dtype=np.float32).reshape(n, k // bs)
+        if not np.all(sc == sc[:, :1]):
+            raise ValueError("int8 MatMulNBits scales differ within a row")
+        return {"qdata": (np.asarray(b, dtype=np.uint8).reshape(n, k) ^ np.uint8(0x80)).view(np.int8),
+                "scales": sc[:, 0].copy()}
+    raise ValueError(f"scheme {scheme.label} has no MatMulNBits form")
+
+
+# ------------------------------------------------------------------------------------------------ torch custom op
+def emulate_activation_quant(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """What MatMulNBits(accuracy_level=4) does to its input: per row, per block of `block_size` along K, symmetric int8
+    with `scale = max|x| / 127`, round half to even; returns the dequantized activations."""
+    k = x.shape[-1]
+    xb = x.float().reshape(*x.shape[:-1], k // block_size, block_size)
+    scale = xb.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.round(xb * inv).clamp(-127, 127)
+    return (q * scale).reshape(x.shape).to(x.dtype)
+
+
+def _dequantize(b: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, n: int, k: int, bits: int,
+                block_size: int) -> torch.Tensor:
+    nb = k // block_size
+    if bits == 4:
+        u = torch.stack([(b & 0x0F), (b >> 4)], dim=-1).reshape(n, nb, block_size).to(torch.int16)
+    else:
+        u = b.reshape(n, nb, block_size).to(torch.int16)
+    if zeros is None:
+        z = torch.tensor(1 << (bits - 1), dtype=torch.int16)
+    else:  # packed 4-bit zero points, row by row
+        zz = zeros.reshape(n, -1)
+        z = torch.stack([(zz & 0x0F), (zz >> 4)], dim=-1).reshape(n, -1)[:, :nb].to(torch.int16).unsqueeze(-1)
+    return ((u - z).float() * scales.reshape(n, nb, 1).float()).reshape(n, k)
+
+
+@torch.library.custom_op("edge_gemma::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, n: int, k: int,
+                 bits: int, block_size: int, emulate: bool) -> torch.Tensor:
+    """x `[..., K]` @ dequant(B)^T -> `[..., N]` (the MatMulNBits reference; `emulate` adds its activation rounding)."""
+    if emulate:
+        x = emulate_activation_quant(x, block_size)
+    w = _dequantize(b, scales, zeros, n, k, bits, block_size)
+    return x @ w.t().to(x.dtype)
+
+
+@matmul_nbits.register_fake
+def _(x, b, scales, zeros, n, k, bits, block_size, emulate):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _matmulnbits_schema():
+    from onnx.defs import OpSchema
+
+    fp, attr, at = OpSchema.FormalParameter, OpSchema.Attribute, OpSchema.AttrType
+    return OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[fp("A", "T1"), fp("B", "T2"), fp("scales", "T1"),
+                fp("zero_points", "T3", param_option=OpSchema.FormalParameterOption.Optional)],
+        outputs=[fp("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], ""), ("T3", ["tensor(uint8)"], "")],
+        attributes=[attr(name, at.INT, "") for name in ("K", "N", "bits", "block_size", "accuracy_level")],
+    )
+
+
+def _translation_table() -> dict:
+    """`{torch op: onnxscript function}` for `torch.onnx.export(custom_translation_table=...)`. ORT's contrib ops
+    have no schema in `onnx.defs`, so the op is declared here with the inputs and attributes we use."""
+    from onnxscript._internal.values import Op, Opset
+
+    mnb = Op(Opset("com.microsoft", 1), "MatMulNBits", _matmulnbits_schema())
+
+    def matmul_nbits_onnx(x, b, scales, zeros, n: int, k: int, bits: int, block_size: int, emulate: bool):
+        inputs = (x, b, scales) if zeros is None else (x, b, scales, zeros)
+        return mnb(*inputs, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=ACCURACY_LEVEL)
+
+    return {torch.ops.edge_gemma.matmul_nbits.default: matmul_nbits_onnx}
+
+
+class _LazyTable(dict):
+    def __init__(self):
+        super().__init__()
+        self._filled = False
+
+    def fill(self) -> "_LazyTable":
+        if not self._filled:
+            self.update(_translation_table())
+            self._filled = True
+        return self
+
+
+TRANSLATION_TABLE = _LazyTable()  # call .fill() before passing it (imports onnxscript only when exporting)
+
+
+class QuantLinear(nn.Module):
+    """`nn.Linear` replacement over quantized integers (MatMulNBits buffers); `bias` optional and float.
+
+    `emulate=True` makes the eager forward round activations as ORT's accuracy_level=4 kernel does, for references.
+    `weight` is a zero-size tensor of the compute dtype: callers that read `linear.weight.dtype` keep working."""
+
+    def __init__(self, scheme: Scheme, stored: dict[str, np.ndarray], shape: tuple[int, int],
+                 bias: torch.Tensor | None = None, *, emulate: bool = False):
+        super().__init__()
+        arr = matmulnbits_arrays(scheme, stored, shape)
+        self.scheme = scheme
+        self.out_features, self.in_features = shape
+        self.bits, self.block_size, self.emulate = int(arr["bits"]), int(arr["block_size"]), emulate
+        self.register_buffer("b", torch.from_numpy(np.ascontiguousarray(arr["b"])))
+        self.register_buffer("scales", torch.from_numpy(np.ascontiguousarray(arr["scales"])))
+        self.register_buffer("zeros", None if arr["zeros"] is None else torch.from_numpy(arr["zeros"]))
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.empty(0, dtype=self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.edge_gemma.matmul_nbits(x.float(), self.b, self.scales, self.zeros, self.out_features,
+                                              self.in_features, self.bits, self.block_size, self.emulate)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.scheme.label}, MatMulNBits bits={self.bits} " \
+               f"block={self.block_size}"

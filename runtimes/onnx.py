@@ -1,0 +1,176 @@
+"""ONNX Runtime backend: runs an artifact's `onnx/` graphs (see `export/onnx.py` for what each graph computes).
+
+The backend owns the KV caches as numpy arrays `[1, nkv, T, hd]`, one K and one V per cache-owning layer. They are
+bound to the decoder session once, zero-copy (`OrtValue.ortvalue_from_numpy` shares the array's memory on CPU), as
+read-only inputs; every call returns only the new chunk's K/V `[1, nkv, S, hd]`, which is written into the arrays at
+its positions with a numpy slice assignment. So a decode step moves O(S) cache bytes, not O(T).
+
+Session options: `intra_op_num_threads` = `threads` (default: all cores), one inter-op thread, and spinning off
+(`session.intra_op.allow_spinning = 0`) when running on 2 threads or fewer, where a spinning worker steals the core the
+caller needs. External data (the weights) is memory-mapped by ONNX Runtime; MatMulNBits prepacks its weights once per
+session, which is why prefill and decode share ONE decoder session.
+
+No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from edge_gemma.artifact import Artifact, ArtifactError
+
+from .base import Backend, BackendError, Capabilities
+
+__all__ = ["OnnxBackend"]
+
+log = logging.getLogger(__name__)
+
+
+class OnnxBackend(Backend):
+    """`OnnxBackend(artifact, threads=None)`; implements `runtimes.base.Backend`."""
+
+    name = "onnx"
+
+    def __init__(self, artifact: Artifact, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError("the onnx backend needs the onnxruntime wheel: pip install onnxruntime") from None
+        self._ort = ort
+        entry: dict[str, Any] | None = artifact.backends.get("onnx")
+        if not entry:
+            raise BackendError(f"{artifact.root}: this artifact has no onnx backend (manifest backends: "
+                               f"{sorted(artifact.backends)})")
+        self.entry = entry
+        try:
+            files = entry["files"]
+            self.context = int(entry["context"])
+            chunk = int(entry["max_prefill_chunk"])
+            H, V = int(entry["hidden_size"]), int(entry["vocab_size"])
+            self._ple = (int(entry["ple"]["num_layers"]), int(entry["ple"]["dim"]))
+            caches = entry["caches"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{artifact.root}: manifest backends.onnx is malformed ({exc!r})") from None
+        self.threads = int(threads) if threads else (os.cpu_count() or 1)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # warnings about unfoldable CastLike nodes are noise
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads <= 2:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._opts = opts
+
+        def session(key: str):
+            rel = files.get(key)
+            if not rel:
+                return None
+            path = artifact.path(rel)  # raises if the manifest does not list it
+            return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+        self._embedder = session("embedder")
+        self._decoder = session("decoder")
+        if self._embedder is None or self._decoder is None:
+            raise ArtifactError(f"{artifact.root}: backends.onnx lacks the embedder or decoder graph")
+        self._vision = session("vision")
+        self._audio = session("audio")
+        self.capabilities = Capabilities(context=self.context, max_prefill_chunk=chunk, hidden_size=H, vocab_size=V,
+                                         vision=self._vision is not None, audio=self._audio is not None)
+
+        # caches: numpy arrays bound zero-copy as decoder inputs
+        self._caches: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = []
+        self._binding = self._decoder.io_binding()
+        self._keep: list[Any] = []
+        for c in caches:
+            shape = tuple(int(x) for x in c["shape"])
+            if c.get("dtype", "float32") != "float32" or shape[2] != self.context:
+                raise ArtifactError(f"{artifact.root}: cache entry for layer {c.get('layer')} has shape {shape} / "
+                                    f"dtype {c.get('dtype')}; expected float32 with {self.context} slots")
+            k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            for name, arr in ((c["past_key"], k), (c["past_value"], v)):
+                ov = ort.OrtValue.ortvalue_from_numpy(arr)
+                self._keep.append(ov)
+                self._binding.bind_ortvalue_input(name, ov)
+            self._caches.append((c, k, v))
+        self._outputs = [o.name for o in self._decoder.get_outputs()]
+        expected = ["logits"] + [n for c, _, _ in self._caches for n in (c["new_key"], c["new_value"])]
+        if self._outputs != expected:
+            raise ArtifactError(f"{artifact.root}: decoder outputs {self._outputs}, manifest implies {expected}")
+
+    # -- text -----------------------------------------------------------------------------------------------------
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.capabilities.vocab_size):
+            raise ValueError(f"embed: token ids must be in [0, {self.capabilities.vocab_size}), found "
+                             f"[{ids.min()}, {ids.max()}]")
+        return self._embedder.run(None, {"ids": ids})[0]
+
+    def prefill(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        H = self.capabilities.hidden_size
+        L, P = self._ple
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        ple_rows = np.ascontiguousarray(ple_rows, dtype=np.float32)
+        positions = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+        S = positions.size
+        if embeds.shape != (S, H) or ple_rows.shape != (S, L, P):
+            raise ValueError(f"prefill: embeds {embeds.shape} / ple_rows {ple_rows.shape} for {S} positions; "
+                             f"expected ({S}, {H}) and ({S}, {L}, {P})")
+        if not 1 <= S <= self.capabilities.max_prefill_chunk:
+            raise ValueError(f"prefill: {S} tokens; this artifact takes 1..{self.capabilities.max_prefill_chunk} "
+                             "per call (split the prompt into chunks)")
+        p0 = int(positions[0])
+        if p0 < 0 or p0 + S > self.context or np.any(positions != np.arange(p0, p0 + S)):
+            raise ValueError(f"prefill: positions must be consecutive and inside the context [0, {self.context}); "
+                             f"found {positions[:4].tolist()}{'...' if S > 4 else ''} (S={S})")
+        b = self._binding
+        b.bind_cpu_input("inputs_embeds", embeds[None])
+        b.bind_cpu_input("ple_rows", ple_rows[None])
+        b.bind_cpu_input("positions", positions)
+        b.clear_binding_outputs()  # output shapes follow S: let ORT allocate them each call
+        for name in self._outputs:
+            b.bind_output(name, "cpu")
+        self._decoder.run_with_iobinding(b)
+        outs = b.get_outputs()
+        for n, (_, k, v) in enumerate(self._caches):
+            k[:, :, p0:p0 + S] = outs[1 + 2 * n].numpy()
+            v[:, :, p0:p0 + S] = outs[2 + 2 * n].numpy()
+        return outs[0].numpy()[0].copy()
+
+    def reset(self) -> None:
+        for _, k, v in self._caches:
+            k.fill(0.0)
+            v.fill(0.0)
+
+    # -- towers ---------------------------------------------------------------------------------------------------
+
+    def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        if self._vision is None:
+            return super().encode_image(pixel_values, position_ids)
+        pv = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        pos = np.ascontiguousarray(position_ids, dtype=np.int64)
+        if pv.ndim != 2 or pos.shape != (pv.shape[0], 2):
+            raise ValueError(f"encode_image: pixel_values {pv.shape} / position_ids {pos.shape}; expected "
+                             "[Np, 3*p*p] and [Np, 2]")
+        soft, valid = self._vision.run(None, {"pixel_values": pv, "position_ids": pos})
+        return soft[valid.astype(bool)]
+
+    def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self._audio is None:
+            return super().encode_audio(features, mask)
+        f = np.ascontiguousarray(features, dtype=np.float32)
+        m = np.ascontiguousarray(mask, dtype=bool).reshape(-1)
+        if f.ndim != 2 or m.shape != (f.shape[0],):
+            raise ValueError(f"encode_audio: features {f.shape} / mask {m.shape}; expected [T, 128] and [T]")
+        soft, valid = self._audio.run(None, {"features": f, "mask": m})
+        return soft[valid.astype(bool)]
+
+    def close(self) -> None:
+        self._embedder = self._decoder = self._vision = self._audio = None
+        self._binding = None
+        self._keep = []
+        self._caches = []

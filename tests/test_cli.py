@@ -1,0 +1,103 @@
+"""The user-facing commands on the embedded checkpoint through the eager reference backend (no artifact needed),
+and `bench --budget` verdicts on injected timings. The same commands on an exported artifact are in
+test_export_build.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from artifact_builder import cli
+
+
+@pytest.fixture(scope="module")
+def eager_answer():
+    from edge_gemma import api
+
+    with api.open_checkpoint("default", context=256) as m:
+        return "".join(m.generate("Return the absolute value.", max_new_tokens=6))
+
+
+def test_commands_are_registered():
+    r = cli("--help")
+    assert r.returncode == 0
+    for name in ("export", "run", "chat", "inspect", "bench"):
+        assert name in r.stdout
+
+
+def test_run_streams_only_the_answer(eager_answer):
+    r = cli("run", "default", "--context", "256", "--prompt", "Return the absolute value.", "--max-new-tokens", "6",
+            "--stats")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == eager_answer + "\n"  # the answer and nothing else; timings went to stderr
+    assert "[eager]" in r.stderr and "tok/s" in r.stderr and "peak RSS" in r.stderr
+
+
+def test_run_errors_name_the_problem(tmp_path):
+    r = cli("run", str(tmp_path), "--prompt", "hi")
+    assert r.returncode == 2 and "neither an artifact (no manifest.json) nor a checkpoint" in r.stderr
+    tools = tmp_path / "tools.json"
+    tools.write_text("{not json")
+    r = cli("run", "default", "--prompt", "hi", "--tools", str(tools))
+    assert r.returncode == 2 and f"{tools}: not valid JSON" in r.stderr
+    r = cli("run", "default", "--prompt", "hi", "--backend", "onnx")
+    assert r.returncode == 2 and "only the eager backend runs it" in r.stderr
+    r = cli("run", "default", "--context", "16", "--prompt", "word " * 40)
+    assert r.returncode == 2 and "but the artifact's context is 16" in r.stderr
+    assert r.stdout == ""
+
+
+def test_chat_reads_turns_from_stdin():
+    r = cli("chat", "default", "--context", "256", "--max-new-tokens", "3", "--stats",
+            input="Hello\n\nRead a file.\n/exit\nnot read\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2
+    stats = [line for line in r.stderr.splitlines() if line.startswith("prompt ")]
+    assert len(stats) == 2 and "(0 reused" in stats[0] and "(0 reused" not in stats[1]
+
+
+def _judge(tmp_path, measured: dict, *args: str):
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps({"measured": measured}))
+    return cli("bench", "unused", "--from-json", str(f), *args)
+
+
+def test_bench_budget_verdict_on_injected_timings(tmp_path):
+    # pi5/e2b budget: decode >= 8 tok/s, TTFT <= 7.8 s for 1024 prompt tokens, peak RSS <= 1546 MB
+    over = _judge(tmp_path, {"prompt_tokens": 1024, "decode_tok_s": 4.0, "ttft_s": 9.0, "peak_rss_mb": 1000.0},
+                  "--budget", "pi5", "--variant", "e2b")
+    assert over.returncode == 1
+    assert "decode_tok_s: 4 tok/s is 4 tok/s below the minimum of 8 tok/s (100.0% off)" in over.stderr
+    assert "ttft_s: 9 s is 1.2 s above the maximum of 7.8 s (15.4% off)" in over.stderr
+    assert "peak_rss_mb" not in over.stderr
+
+    within = _judge(tmp_path, {"prompt_tokens": 1024, "decode_tok_s": 9.5, "ttft_s": 7.0, "peak_rss_mb": 1200.0},
+                    "--budget", "pi5", "--variant", "e2b", "--json")
+    assert within.returncode == 0, within.stderr
+    result = json.loads(within.stdout)
+    assert result["over_budget"] == [] and result["budget"]["decode_tok_s_min"] == 8.0
+
+    # a TTFT measured on another prompt length is not judged against the 1024-token budget
+    other = _judge(tmp_path, {"prompt_tokens": 128, "decode_tok_s": 9.5, "ttft_s": 60.0},
+                   "--budget", "pi5", "--variant", "e2b")
+    assert other.returncode == 0
+
+    # phone/e2b: prefill 557 tok/s minimum
+    slow = _judge(tmp_path, {"prompt_tokens": 1024, "prefill_tok_s": 300.0, "decode_tok_s": 50.0},
+                  "--budget", "phone", "--variant", "e2b", "--json")
+    assert slow.returncode == 1
+    miss = json.loads(slow.stdout)["over_budget"]
+    assert [m["figure"] for m in miss] == ["prefill_tok_s"]
+    assert miss[0]["ratio"] == pytest.approx(557 / 300)
+
+
+def test_bench_needs_a_variant_for_a_budget_on_the_embedded_model():
+    r = cli("bench", "default", "--context", "64", "--budget", "pi5", "--new-tokens", "2")
+    assert r.returncode == 2
+    assert "not an E2B or E4B model" in r.stderr and "--variant" in r.stderr
+    m = cli("bench", "default", "--context", "64", "--prompt-tokens", "12", "--new-tokens", "3", "--ignore-eos",
+            "--json")
+    assert m.returncode == 0, m.stderr
+    measured = json.loads(m.stdout)["measured"]
+    assert measured["prompt_tokens"] == 12 and measured["new_tokens"] == 3 and measured["backend"] == "eager"
