@@ -44,7 +44,7 @@ from .config import ConfigError, ModelConfig, load_config
 if TYPE_CHECKING:
     from .model.gemma4 import Gemma4Model
 
-__all__ = ["CheckpointError", "LAYOUTS", "load_model", "checkpoint_tensors"]
+__all__ = ["CheckpointError", "LAYOUTS", "checkpoint_tensors", "hf_name", "load_model", "params_on_meta"]
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def _mmap_tensor(name: str, info: TensorInfo) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _params_on_meta() -> Iterator[None]:
+def params_on_meta() -> Iterator[None]:
     """Create parameters on the meta device but buffers on the CPU, so non-persistent buffers (RoPE frequencies, KV
     caches) are computed normally while no weight memory is allocated before loading."""
     original = nn.Module.register_parameter
@@ -212,7 +212,8 @@ def _params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def _their_name(ours: str, layout: str) -> str | None:
+def hf_name(ours: str, layout: str) -> str | None:
+    """Our parameter name -> the Hugging Face tensor name in `layout` ("gemma4" or "gemma4_text"), by `LAYOUTS`."""
     for our_prefix, their_prefix in LAYOUTS[layout]:
         if ours.startswith(our_prefix):
             return their_prefix + ours[len(our_prefix):]
@@ -273,7 +274,7 @@ def load_model(
     tensors = checkpoint_tensors(directory)
     lora = _read_adapter(Path(adapter)) if adapter is not None else {}
 
-    with _params_on_meta():
+    with params_on_meta():
         model = Gemma4Model(cfg, max_len=max_len, batch_size=batch_size, cache_dtype=dtype, sliding_ring=sliding_ring)
     expected = model.state_dict()
 
@@ -282,7 +283,7 @@ def load_model(
     with _Reader() as reader:
         progress = tqdm(expected.items(), desc=f"loading {directory.name}", unit="tensor", disable=None, leave=False)
         for ours, target in progress:
-            theirs = _their_name(ours, layout)
+            theirs = hf_name(ours, layout)
             if theirs is None or theirs not in tensors:
                 raise CheckpointError(
                     f"{directory}: missing tensor {theirs or ours!r} (expected shape {tuple(target.shape)})"

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_gemma.checkpoint import LAYOUTS, CheckpointError, _params_on_meta, load_model
+from edge_gemma.checkpoint import LAYOUTS, CheckpointError, params_on_meta, load_model
 from edge_gemma.config import ModelConfig, load_config
 from edge_gemma.model.gemma4 import Gemma4Model
 from edge_gemma.runtimes.base import Backend, BackendError, Capabilities
@@ -43,7 +43,7 @@ def _load_dequantized(path: Path, cfg: ModelConfig, context: int, skip_ple: bool
     (rows come in as an input), so the caller gathers rows elsewhere, e.g. from the artifact's `ple.bin`."""
     from edge_gemma.quantize.load import QuantizedCheckpoint
 
-    with _params_on_meta():
+    with params_on_meta():
         model = Gemma4Model(cfg, max_len=context)
     state: dict[str, torch.Tensor] = {}
     with QuantizedCheckpoint(path) as ckpt:

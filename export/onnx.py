@@ -113,7 +113,7 @@ def load_export_model(checkpoint: str | Path, *, text_only: bool = False, emulat
     every float tensor is loaded as float32; the two embedding tables stay on the meta device (the embedder graph and
     the head read the embedding's stored arrays directly; the PLE table lives in ple.bin). `emulate=True` makes the
     quantized linears round activations like ORT's accuracy_level=4 kernel (an eager reference for tests)."""
-    from edge_gemma.checkpoint import _params_on_meta, _their_name, load_model
+    from edge_gemma.checkpoint import params_on_meta, hf_name, load_model
     from edge_gemma.model.gemma4 import Gemma4Model
 
     path = Path(checkpoint)
@@ -124,7 +124,7 @@ def load_export_model(checkpoint: str | Path, *, text_only: bool = False, emulat
         head = nn.Linear(w.shape[1], w.shape[0], bias=False)
         head.weight = nn.Parameter(w.float().contiguous(), requires_grad=False)
         layout = load_config(path).model_type
-        names = {_their_name(n, layout) or n: "float" for n in model.state_dict() if n != PLE}
+        names = {hf_name(n, layout) or n: "float" for n in model.state_dict() if n != PLE}
         return ExportModel(cfg=model.cfg, model=model, head=head, embed_stored={"tensor": w.float().numpy()},
                            embed_scheme=None, schemes=names)
 
@@ -133,12 +133,12 @@ def load_export_model(checkpoint: str | Path, *, text_only: bool = False, emulat
         layout = cfg.model_type
         if text_only:
             cfg = cfg.text_only()
-        with _params_on_meta():
+        with params_on_meta():
             model = Gemma4Model(cfg)
         schemes: dict[str, str] = {}
 
         def hf(ours: str) -> str:
-            name = _their_name(ours, layout)
+            name = hf_name(ours, layout)
             if name is None or name not in qc.manifest["tensors"]:
                 raise OnnxExportError(f"{path}: the quantized checkpoint has no tensor for {ours!r} ({name!r})")
             return name
