@@ -12,8 +12,13 @@ Quantized checkpoints: the models are converted with our dequantized weights and
 (dynamic range; linears as the recipe's default scheme, the embedding tables and the tied head int8 channelwise), and
 `export/litert_quant.check_integers` compares the stored integers with ours (reported in the manifest entry).
 
-Not yet exported: the vision and audio encoders (LiteRT needs static shapes; the processor's patch / frame counts
-vary), so a LiteRT artifact is text-only for now (`capabilities.vision/audio` False).
+* `vision.tflite` (`vision_encoder`, our runtime only): the vision tower + projection at a static 280 * k^2 patches
+  (the processor pads every image to its budget with position -1, which the encoder masks).
+
+* `audio.tflite` (`audio_encoder`, our runtime only): the audio tower + projection at a static 30 s of frames
+  (padding frames masked; the valid outputs do not depend on them).
+
+Not yet exported: the vision/audio sections of the .litertlm (LiteRT-LM's own encoder I/O differs from ours).
 Memory: the float decoder is built whole (dequantized), as litert-torch needs a float module; a full-size E2B needs
 the float decoder (~1.8 GB without tables) plus the float embedding table and PLE table for the two embedders
 (PLE: 9.4 GB float32) -- not yet piecewise, not measured at full size.
@@ -27,12 +32,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LitertExportError", "export_backend"]
+
+
+VISION_SOFT_TOKENS = 280  # the processor's default image budget; smaller budgets pad up to it
+
+
+def _grid_positions(patches: int, k: int) -> torch.Tensor:
+    """(x, y) of a square-ish grid of `patches` patches (the sample input; any valid layout traces the same graph)."""
+    side = k
+    while (side + k) * (side + k) <= patches:
+        side += k
+    xs, ys = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy")
+    pos = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
+    pad = torch.full((patches - pos.shape[0], 2), -1)
+    return torch.cat([pos, pad]).to(torch.int32)
 
 
 class LitertExportError(ValueError):
@@ -41,6 +59,9 @@ class LitertExportError(ValueError):
 
 def _convert(signatures: list[tuple[str, torch.nn.Module, dict]], path: Path) -> None:
     import litert_torch
+    from litert_torch import _config
+
+    _config.config.show_progress = False  # its rich progress lines would go to our stdout
 
     conv = None
     with torch.no_grad():
@@ -79,15 +100,16 @@ def _linear_scheme(job):
     from edge_gemma.quantize.schemes import Int4Group, Int8PerChannel
 
     with job.quantized_checkpoint() as q:
-        schemes = {n: s for n, s in q.schemes.items() if ".layers." in n and "_tower" not in n}
+        schemes = {n: s for n, s in q.schemes.items()
+                   if s is not None and ".layers." in n and "_tower" not in n}  # norms stay float
     kinds = {type(s) for s in schemes.values() if s is not None}
     if not schemes or kinds - {Int4Group, Int8PerChannel}:
         raise LitertExportError(f"{job.checkpoint}: LiteRT exports int8 per-channel or int4 group linears; this "
                                 f"checkpoint has {sorted(k.__name__ for k in kinds) or 'no quantized linears'}")
     groups = {getattr(s, "group_size", None) for s in schemes.values() if s is not None}
-    if len(kinds) != 1 or len(groups) != 1 or any(s is None for s in schemes.values()):
-        raise LitertExportError(f"{job.checkpoint}: mixed linear schemes {sorted({s.label if s else 'float' for s in schemes.values()})};"
-                                " the LiteRT exporter needs one scheme for every decoder linear")
+    if len(kinds) != 1 or len(groups) != 1:
+        raise LitertExportError(f"{job.checkpoint}: mixed linear schemes {sorted({s.label for s in schemes.values()})}"
+                                "; the LiteRT exporter needs one scheme for every decoder linear")
     only = next(iter(schemes.values()))
     return (8, None) if isinstance(only, Int8PerChannel) else (4, only.group_size)
 
@@ -132,6 +154,28 @@ def export_backend(job) -> dict[str, Any]:
         _convert([("embedder", LitertEmbedder(dec.embed_tokens, H), one)], stage / "embedder.tflite")
         _convert([("per_layer_embedder", LitertPerLayerEmbedder(dec.embed_tokens_per_layer, L, P), one)],
                  stage / "per_layer_embedder.tflite")
+        vision_patches = None
+        if cfg.vision is not None:
+            from .litert_graphs import LitertVision
+
+            k = cfg.vision.pooling_kernel_size
+            vision_patches = VISION_SOFT_TOKENS * k * k
+            log.info("litert: vision encoder (%d patches)", vision_patches)
+            sample_v = {"pixel_values": torch.rand(vision_patches, 3 * cfg.vision.patch_size**2),
+                        "position_ids": _grid_positions(vision_patches, k)}
+            _convert([("vision_encoder", LitertVision(model.vision_tower, model.embed_vision), sample_v)],
+                     stage / "vision.tflite")
+        audio_frames = None
+        if cfg.audio is not None:
+            from edge_gemma.audio import MAX_SAMPLES, num_mel_frames
+
+            from .litert_graphs import LitertAudio
+
+            audio_frames = num_mel_frames(MAX_SAMPLES)
+            log.info("litert: audio encoder (%d frames)", audio_frames)
+            sample_a = {"features": torch.randn(audio_frames, 128), "mask": torch.ones(audio_frames, dtype=torch.int32)}
+            _convert([("audio_encoder", LitertAudio(model.audio_tower, model.embed_audio), sample_a)],
+                     stage / "audio.tflite")
         del model, dec
 
         quant: dict[str, Any] = {"weights": "float32", "activations": "float32"}
@@ -142,7 +186,8 @@ def export_backend(job) -> dict[str, Any]:
             log.info("litert: quantizing (linears int%d %s, tables and head int8 channelwise)", bits,
                      f"block {block}" if block else "channelwise")
             quantize_tflite(work / "decoder.tflite", out / "decoder.tflite", bits=bits, block=block, lm_head_rows=V)
-            for name in ("embedder", "per_layer_embedder"):
+            for name in ("embedder", "per_layer_embedder") + (("vision",) if vision_patches else ()) \
+                    + (("audio",) if audio_frames else ()):
                 quantize_tflite(work / f"{name}.tflite", out / f"{name}.tflite", bits=8, block=None)
             ours, labels = _our_integers(job)
             report = {"tensors": {}, "differ": [], "unchecked": []}
@@ -158,7 +203,8 @@ def export_backend(job) -> dict[str, Any]:
 
         files = {"decoder": "litert/decoder.tflite", "embedder": "litert/embedder.tflite",
                  "per_layer_embedder": "litert/per_layer_embedder.tflite", "litertlm": "litert/model.litertlm",
-                 "vision": None, "audio": None}
+                 "vision": "litert/vision.tflite" if vision_patches else None,
+                 "audio": "litert/audio.tflite" if audio_frames else None}
         tok_dir = job.artifact_root / "tokenizer"
         stop = sorted({*cfg.eos_token_id, *t.eos_token_id})
         from edge_gemma.tokenizer import Tokenizer
@@ -182,6 +228,8 @@ def export_backend(job) -> dict[str, Any]:
         "hidden_size": H,
         "vocab_size": V,
         "ple": {"num_layers": L, "dim": P, "scaled_input": True},
+        "vision_patches": vision_patches,
+        "audio_frames": audio_frames,
         "caches": [{"name": n, "shape": s, "dtype": "float32"} for n, s in cache_shapes.items()],
         "cache_inputs": cache_input_names(n_cache),
         "quantization": quant,

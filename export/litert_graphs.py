@@ -13,11 +13,12 @@ very same models, so one export serves both.
   contiguous slice starting at `input_pos[0]` (padding lands on future slots, hidden by the mask and overwritten
   later) and padded query rows see a fully hidden, finite mask (uniform softmax, never NaN, which would poison the
   cache). Sliding layers derive their window from `input_pos` and the given causal mask.
-* `LitertEmbedder`, signatures `prefill_embedder_<N>` and `decode_embedder` (and `embedder`):
-  `token_ids [1,S] int32 -> embeddings [1,S,H]` = table[ids] * sqrt(H).
-* `LitertPerLayerEmbedder`, `prefill_per_layer_embedder_<N>` / `decode_per_layer_embedder` / `per_layer_embedder`:
-  `token_ids [1,S] int32 -> embeddings [1,S,L,P]` = PLE rows * sqrt(P). Its own model, so LiteRT-LM memory-maps it.
-* `LitertVision`, `LitertAudio`: our towers plus projections, for our runtime (same I/O as the ONNX graphs).
+* `LitertEmbedder`, one signature `embedder` (LiteRT-LM accepts exactly one, of one token):
+  `token_ids [1,1] int32 -> embeddings [1,1,H]` = table[ids] * sqrt(H).
+* `LitertPerLayerEmbedder`, one signature `per_layer_embedder`:
+  `token_ids [1,1] int32 -> embeddings [1,1,L,P]` = PLE rows * sqrt(P). Its own model, so LiteRT-LM memory-maps it.
+* `LitertVision` (`vision_encoder`) and `LitertAudio` (`audio_encoder`): our towers + projections at static shapes,
+  for OUR runtime (LiteRT-LM's own vision/audio I/O is not implemented).
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class LitertDecoder(nn.Module):
         in_window = k > q - cfg.sliding_window  # (S, T)
         sliding_add = torch.where(in_window[None], global_add, torch.full_like(global_add, MASK_MIN))
         masks = {False: global_add.unsqueeze(1), True: sliding_add.unsqueeze(1)}  # (1, 1, S, T)
-        rope = {False: rope_cos_sin(dec.full_inv_freq, pos, h.dtype), True: rope_cos_sin(dec.sliding_inv_freq, pos, h.dtype)}
+        rope = {False: rope_cos_sin(dec.full_inv_freq, pos, h.dtype),
+                True: rope_cos_sin(dec.sliding_inv_freq, pos, h.dtype)}
         start = input_pos[0]
 
         out: dict[str, torch.Tensor] = {}
@@ -109,7 +111,8 @@ class LitertDecoder(nn.Module):
             ck = caches.get(f"kv_cache_k_{i}") if attn.computes_kv else None
             cv = caches.get(f"kv_cache_v_{i}") if attn.computes_kv else None
             shared = kv[dec.kv_source[i]] if not attn.computes_kv else None
-            a, kv[i] = self._attend(attn, layer.input_layernorm(h), cos, sin, masks[sliding][:, 0], start, ck, cv, shared)
+            a, kv[i] = self._attend(attn, layer.input_layernorm(h), cos, sin, masks[sliding][:, 0], start, ck, cv,
+                                    shared)
             if attn.computes_kv:
                 out[f"kv_cache_k_{i}"], out[f"kv_cache_v_{i}"] = kv[i]
             x = h + layer.post_attention_layernorm(a)
@@ -148,7 +151,10 @@ class LitertPerLayerEmbedder(nn.Module):
 
 
 class LitertVision(nn.Module):
-    """`(pixel_values [Np, 3p^2], position_ids [Np, 2] int32) -> soft_tokens [Np/k^2, H], valid [Np/k^2]`."""
+    """`(pixel_values [Np, 3p^2], position_ids [Np, 2] int32, -1 on padding) -> soft_tokens [Np/k^2, H], valid`.
+
+    Static Np (LiteRT signatures have fixed shapes): the processor already pads every image to
+    `max_soft_tokens * k^2` patches with position -1, which the encoder masks, so one signature serves them all."""
 
     def __init__(self, tower: nn.Module, embed: nn.Module):
         super().__init__()
@@ -160,7 +166,8 @@ class LitertVision(nn.Module):
 
 
 class LitertAudio(nn.Module):
-    """`(features [T, 128], mask [T] int32 0/1) -> soft_tokens [T', H], valid [T']`."""
+    """`(features [T, 128], mask [T] int32 1 = valid) -> soft_tokens [T', H], valid [T']` at a static T (30 s of
+    frames): padding frames are masked, and the valid outputs do not depend on them (checked in the tests)."""
 
     def __init__(self, tower: nn.Module, embed: nn.Module):
         super().__init__()

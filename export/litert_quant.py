@@ -49,7 +49,13 @@ def quantize_tflite(src: Path, dst: Path, *, bits: int, block: int | None, lm_he
             rm.add_quantization_config(regex=re.escape(name), operation_name=qtyping.TFLOperationName.FULLY_CONNECTED,
                                        op_config=config(head_bits, None),
                                        algorithm_key=algorithm_manager.AlgorithmName.MIN_MAX_UNIFORM_QUANT)
-    result = quantizer.Quantizer(src.read_bytes(), rm.get_quantization_recipe()).quantize()
+    import contextlib
+    import io
+
+    chatter = io.StringIO()  # the quantizer prints its size summary to stdout, which belongs to our CLI
+    with contextlib.redirect_stdout(chatter):
+        result = quantizer.Quantizer(src.read_bytes(), rm.get_quantization_recipe()).quantize()
+    log.debug("ai-edge-quantizer on %s: %s", src.name, chatter.getvalue().strip())
     tmp = dst.with_name(dst.name + ".tmp")
     tmp.write_bytes(bytes(result.quantized_model))
     tmp.replace(dst)
@@ -58,7 +64,19 @@ def quantize_tflite(src: Path, dst: Path, *, bits: int, block: int | None, lm_he
 def _load(path: Path):
     from ai_edge_litert import schema_py_generated as s
 
-    return s, s.ModelT.InitFromObj(s.Model.GetRootAsModel(path.read_bytes(), 0))
+    raw = path.read_bytes()
+    model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(raw, 0))
+    model._file_bytes = raw  # buffers may live after the flatbuffer (offset/size) instead of inline
+    return s, model
+
+
+def _buffer(m, index: int) -> np.ndarray | None:
+    b = m.buffers[index]
+    if b.data is not None:
+        return np.asarray(b.data, dtype=np.uint8)
+    if b.offset and b.size:
+        return np.frombuffer(m._file_bytes, dtype=np.uint8, count=int(b.size), offset=int(b.offset))
+    return None
 
 
 def _fc_outputs_with_rows(path: Path, rows: int) -> list[str]:
@@ -69,7 +87,7 @@ def _fc_outputs_with_rows(path: Path, rows: int) -> list[str]:
             if m.operatorCodes[op.opcodeIndex].builtinCode != s.BuiltinOperator.FULLY_CONNECTED:
                 continue
             w = sg.tensors[op.inputs[1]]
-            if m.buffers[w.buffer].data is not None and int(w.shape[0]) == rows:
+            if _buffer(m, w.buffer) is not None and int(w.shape[0]) == rows:
                 out.append(sg.tensors[op.outputs[0]].name.decode())
     return out
 
@@ -81,10 +99,9 @@ def _digest(a: np.ndarray) -> str:
 def _stored(s, m, sg, t) -> tuple[np.ndarray, np.ndarray] | None:
     """(codes [N, K] int, scales [N] or [N, K/B]) of a quantized constant tensor, or None."""
     q = t.quantization
-    data = m.buffers[t.buffer].data
-    if q is None or data is None or t.type not in (s.TensorType.INT8, s.TensorType.INT4):
+    raw = _buffer(m, t.buffer)
+    if q is None or raw is None or t.type not in (s.TensorType.INT8, s.TensorType.INT4):
         return None
-    raw = np.asarray(data, dtype=np.uint8)
     shape = tuple(int(x) for x in t.shape)
     if t.type == s.TensorType.INT8:
         codes = raw.view(np.int8).reshape(shape).astype(np.int16)
@@ -94,7 +111,7 @@ def _stored(s, m, sg, t) -> tuple[np.ndarray, np.ndarray] | None:
         codes = np.where(nib > 7, nib - 16, nib).reshape(shape)
     if q.detailsType == s.QuantizationDetails.BlockwiseQuantization:
         st = sg.tensors[q.details.scales]
-        sb = np.asarray(m.buffers[st.buffer].data, dtype=np.uint8)
+        sb = _buffer(m, st.buffer)
         dt = np.float16 if st.type == s.TensorType.FLOAT16 else np.float32
         scales = sb.view(dt).astype(np.float32).reshape(tuple(int(x) for x in st.shape))
     else:
@@ -114,10 +131,10 @@ def check_integers(float_model: Path, quant_model: Path, ours: dict[str, dict[st
     report: dict[str, Any] = {}
     for si, (fsg, qsg) in enumerate(zip(fm.subgraphs, qm.subgraphs)):
         for ti, ft in enumerate(fsg.tensors):
-            data = fm.buffers[ft.buffer].data
+            data = _buffer(fm, ft.buffer)
             if data is None or ft.type != s.TensorType.FLOAT32 or len(ft.shape) != 2:
                 continue
-            name = by_digest.get(_digest(np.asarray(data, dtype=np.uint8).view(np.float32)))
+            name = by_digest.get(_digest(data.view(np.float32)))
             if name is None or name in report or ti >= len(qsg.tensors) or qsg.tensors[ti].name != ft.name:
                 continue
             got = _stored(s, qm, qsg, qsg.tensors[ti])

@@ -31,7 +31,26 @@ def user_content(prompt: str, images: list[str], audios: list[str]):
             + [{"type": "text", "text": prompt}])
 
 
+def _run_litert_lm(args: argparse.Namespace) -> int:
+    """`--backend litert-lm`: the artifact's .litertlm in Google's LiteRT-LM engine (text only, its own template)."""
+    from edge_gemma.artifact import Artifact
+    from edge_gemma.runtimes.litert_lm import open_engine
+
+    if args.image or args.audio or args.tools:
+        raise ValueError("--backend litert-lm runs text prompts only here (no --image/--audio/--tools)")
+    with open_engine(Artifact(args.artifact), threads=args.threads) as engine:
+        for piece in engine.chat(args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+                                 greedy=args.temperature == 0, temperature=args.temperature or None,
+                                 top_k=args.top_k or None, top_p=args.top_p, seed=args.seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.backend == "litert-lm":
+        return _run_litert_lm(args)
     tools = read_tools(args.tools)
     messages = [{"role": "user", "content": user_content(args.prompt, args.image, args.audio)}]
     with open_model(args) as model:

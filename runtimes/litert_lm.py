@@ -1,0 +1,114 @@
+"""A thin adapter that runs the artifact's `litert/model.litertlm` in Google's LiteRT-LM engine (`litert_lm`).
+
+LiteRT-LM owns the whole pipeline (tokenizer, chat template, embedding lookups, KV cache, sampling), so it cannot
+serve our engine's `Backend` contract (which hands the backend embeddings and PLE rows): `open_backend` says so, and
+`edge-gemma run --backend litert-lm` drives `LitertLmEngine` directly. It is the proof that an edge-gemma artifact
+runs unchanged where Android apps run Gemma 4. No torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from edge_gemma.artifact import Artifact, ArtifactError
+
+from .base import BackendError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LitertLmEngine", "open_backend", "open_engine"]
+
+
+def _litert_lm():
+    try:
+        import litert_lm
+    except ImportError:
+        raise BackendError("the litert-lm backend needs Google's LiteRT-LM wheel: pip install litert-lm-api") from None
+    return litert_lm
+
+
+class LitertLmEngine:
+    """`LitertLmEngine(artifact, threads=None)`: the bundle in `litert_lm.Engine` on the CPU backend."""
+
+    name = "litert-lm"
+
+    def __init__(self, artifact: Artifact, threads: int | None = None):
+        lm = _litert_lm()
+        entry: dict[str, Any] | None = artifact.backends.get("litert")
+        if not entry:
+            raise BackendError(f"{artifact.root}: this artifact has no litert backend (manifest backends: "
+                               f"{sorted(artifact.backends)})")
+        rel = (entry.get("files") or {}).get("litertlm")
+        if not rel:
+            raise ArtifactError(f"{artifact.root}: backends.litert.files has no 'litertlm' bundle")
+        self.path = artifact.path(rel)
+        self.context = int(entry.get("context", 0)) or None
+        self._lm = lm
+        try:
+            self.engine = lm.Engine(str(self.path), lm.Backend.CPU(thread_count=int(threads or 2)))
+        except RuntimeError as exc:
+            raise BackendError(f"{self.path}: LiteRT-LM refused the bundle ({exc}); its log above says why") from None
+
+    def _sampler(self, greedy: bool, temperature: float | None, top_k: int | None, top_p: float | None,
+                 seed: int | None):
+        if greedy:
+            return self._lm.SamplerConfig(top_k=1, temperature=0.0)
+        return self._lm.SamplerConfig(top_k=top_k, top_p=top_p, temperature=temperature, seed=seed)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.engine.tokenize(text))
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.engine.detokenize(list(ids))
+
+    def complete(self, text: str, *, max_new_tokens: int, greedy: bool = True, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> str:
+        """Raw continuation of `text` (no chat template; LiteRT-LM prepends the bundle's start token)."""
+        session = self.engine.create_session(apply_prompt_template=False, max_output_tokens=max_new_tokens,
+                                             sampler_config=self._sampler(greedy, temperature, top_k, top_p, seed))
+        try:
+            session.run_prefill([text])
+            texts = session.run_decode().texts
+        finally:
+            session.close()
+        return texts[0] if texts else ""
+
+    def chat(self, prompt: str, *, system: str | None = None, max_new_tokens: int = 256, greedy: bool = False,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None) -> Iterator[str]:
+        """The answer to one user message, streamed, formatted by the bundle's chat template."""
+        conv = self.engine.create_conversation(system_message=system, max_output_tokens=max_new_tokens,
+                                               sampler_config=self._sampler(greedy, temperature, top_k, top_p, seed))
+        try:
+            for message in conv.send_message_async(prompt):
+                for part in message.get("content", []) if isinstance(message, dict) else []:
+                    if part.get("type") == "text":
+                        yield part.get("text", "")
+        finally:
+            conv.close()
+
+    def close(self) -> None:
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.close()
+
+    def __enter__(self) -> "LitertLmEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_engine(artifact: Artifact, *, threads: int | None = None) -> LitertLmEngine:
+    return LitertLmEngine(artifact, threads=threads)
+
+
+def open_backend(artifact: Artifact, *, threads: int | None = None):
+    """The registry's hook: LiteRT-LM is a whole engine, not a `Backend`; explain how to run it instead."""
+    _litert_lm()
+    raise BackendError(
+        f"{artifact.root}: litert-lm runs the whole .litertlm bundle itself (tokenizer, template, cache, sampling) "
+        "and cannot serve edge-gemma's engine; use `edge-gemma run ARTIFACT --backend litert-lm` (text only) or "
+        "edge_gemma.runtimes.litert_lm.open_engine(artifact)")
