@@ -5,6 +5,9 @@ Checks (llm.c `test_gpt2.c` style, a port compared with its reference):
   layer wraps its window), our one-shot prefill vs the reference forward.
 * `greedy_tokens_equal` / `greedy_tokens_total`: 32 greedy tokens, OUR static-cache decode loop (chunked prefill)
   vs the reference's `generate`; equal counts the common prefix. EOS does not stop either side.
+  `reference_margin_at_mismatch` / `reference_min_margin`: the reference's top-1 minus top-2 logit at the first
+  mismatching step and the smallest over all steps (a random-weight model can sit at a near-tie, where a 1e-4 logit
+  difference legitimately flips the argmax); `reference_max_abs_logit` gives the scale of `max_abs_logit_diff`.
 * `vision_max_abs_diff`, `audio_max_abs_diff`: soft tokens in text space (tower + `embed_*` projection) on a fixed
   synthetic image / noise features; `None` when the checkpoint has no such tower.
 
@@ -130,9 +133,11 @@ def _reference(path: Path, cfg: ModelConfig, ids: torch.Tensor, with_towers: boo
         ref.generation_config.eos_token_id = None
         gen = ref.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-            do_sample=False, eos_token_id=None, pad_token_id=cfg.text.pad_token_id,
+            do_sample=False, eos_token_id=None, pad_token_id=cfg.text.pad_token_id, output_logits=True,
+            return_dict_in_generate=True,
         )
-        out["tokens"] = gen[0, ids.shape[1]:].tolist()
+        out["tokens"] = gen.sequences[0, ids.shape[1]:].tolist()
+        out["margins"] = [_top2_margin(step[0]) for step in gen.logits]
         inner = ref.model
         if with_towers and cfg.vision is not None:
             pixels, pos = _synthetic_image(cfg)
@@ -194,6 +199,7 @@ def verify_checkpoint(
         ours.language_model.reset_caches()
         logits = ours(ids, torch.arange(S))[0].float()
         report["max_abs_logit_diff"] = float((logits - ref["logits"]).abs().max())
+        report["reference_max_abs_logit"] = float(ref["logits"].abs().max())  # scale of the diff above
         del logits
         tokens = ours.generate_greedy(ids, NEW_TOKENS, prefill_chunk=max(1, cfg.text.sliding_window + 3))
         equal = 0
@@ -203,6 +209,15 @@ def verify_checkpoint(
             equal += 1
         report["greedy_tokens_equal"] = equal
         report["greedy_tokens_total"] = len(ref["tokens"])
+        # A greedy mismatch only means something when the reference's own choice was not a near-tie: report the
+        # reference's top-1 minus top-2 logit at the first mismatch (None when all tokens agree) and the smallest one.
+        margins = ref["margins"]
+        report["reference_margin_at_mismatch"] = margins[equal] if equal < len(margins) else None
+        report["reference_min_margin"] = min(margins) if margins else None
+        if report["reference_margin_at_mismatch"] is not None:
+            log.warning("greedy tokens differ from step %d; the reference's top-1 minus top-2 logit there is %.3g "
+                        "(smallest over all steps %.3g)", equal, report["reference_margin_at_mismatch"],
+                        report["reference_min_margin"])
         report["vision_max_abs_diff"] = None
         report["audio_max_abs_diff"] = None
         if "vision" in ref:
@@ -218,6 +233,12 @@ def verify_checkpoint(
         and all(d <= atol for d in tower_diffs)
     )
     return report
+
+
+def _top2_margin(logits: torch.Tensor) -> float:
+    """top-1 minus top-2 logit: how far greedy decoding is from a tie at this step."""
+    top = torch.topk(logits.float(), 2).values
+    return float(top[0] - top[1])
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
@@ -249,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         keys = ("max_abs_logit_diff", "greedy_tokens_equal", "greedy_tokens_total", "vision_max_abs_diff",
-                "audio_max_abs_diff")
+                "audio_max_abs_diff")  # the JSON contract (tests/test_verify.py); diagnostics stay in the report dict
         print(json.dumps({k: report[k] for k in keys}))
     else:
         fmt = lambda v: "n/a (no tower)" if v is None else f"{v:.3g}"  # noqa: E731
@@ -257,6 +278,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"prompt tokens       {report['prompt_tokens']}")
         print(f"max |logit diff|    {report['max_abs_logit_diff']:.3g}  (atol {report['atol']:g})")
         print(f"greedy tokens       {report['greedy_tokens_equal']}/{report['greedy_tokens_total']} equal")
+        if report["reference_margin_at_mismatch"] is not None:
+            print(f"first mismatch      reference top-1 minus top-2 logit there: "
+                  f"{report['reference_margin_at_mismatch']:.3g} (smallest over all steps "
+                  f"{report['reference_min_margin']:.3g})")
         print(f"vision soft tokens  {fmt(report['vision_max_abs_diff'])}")
         print(f"audio soft tokens   {fmt(report['audio_max_abs_diff'])}")
         print("OK" if report["ok"] else "FAILED")

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,14 +26,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .gptq import GPTQError, gptq_quantize
+from .gptq import GPTQError, act_order_permutation, gptq_quantize
 from .load import QuantizedCheckpoint
 from .recipes import Recipe, get_recipe
 from .report import QuantReport
 from .stream import quantize_checkpoint
 
 __all__ = ["token_batches", "gptq_text_weights", "gptq_quantize_checkpoint", "ModelQuality", "model_quality",
-           "quality_report", "apply_quantized", "QUALITY_FILENAME"]
+           "quality_report", "apply_quantized", "activation_quant", "fake_quant_int8", "ACT_QUANT_MODES",
+           "QUALITY_FILENAME"]
 
 logger = logging.getLogger(__name__)
 QUALITY_FILENAME = "quant_quality.json"
@@ -101,7 +102,8 @@ class _HessianHook:
 
 @torch.no_grad()
 def gptq_text_weights(model: nn.Module, recipe: Recipe | str, batches: Sequence[torch.Tensor], *, layout: str,
-                      damp: float = 0.01, block_size: int = 128, progress: bool = True) -> dict[str, dict]:
+                      damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                      progress: bool = True) -> dict[str, dict]:
     """GPTQ for every text-decoder linear the recipe quantizes. Returns HF name -> stored arrays, and leaves the
     model holding the dequantized weights of those linears (callers that need the float model must reload it)."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
@@ -146,9 +148,11 @@ def gptq_text_weights(model: nn.Module, recipe: Recipe | str, batches: Sequence[
             h = hooks[mname].hessian()
             factor = next((f for hh, f in factors if hh.shape == h.shape and np.array_equal(hh, h)), None)
             if factor is None:
-                factor = _inverse_hessian_factor(h, damp)
+                perm = act_order_permutation(h) if act_order else slice(None)
+                factor = _inverse_hessian_factor(h[perm][:, perm], damp)
                 factors.append((h, factor))
-            stored = gptq_quantize(w, h, scheme, damp=damp, block_size=block_size, factor=factor)
+            stored = gptq_quantize(w, h, scheme, damp=damp, block_size=block_size, factor=factor,
+                                   act_order=act_order)
             out[hf] = stored
             module.weight.copy_(torch.from_numpy(scheme.decode(stored, w.shape)).to(module.weight.dtype))
         bar.update(1)
@@ -158,7 +162,7 @@ def gptq_text_weights(model: nn.Module, recipe: Recipe | str, batches: Sequence[
 
 def gptq_quantize_checkpoint(src: str | os.PathLike, recipe: Recipe | str, out: str | os.PathLike,
                              calibration: Sequence[torch.Tensor], *, damp: float = 0.01, block_size: int = 128,
-                             progress: bool = True, **stream_kwargs: Any) -> QuantReport:
+                             act_order: bool = False, progress: bool = True, **stream_kwargs: Any) -> QuantReport:
     """GPTQ for the text linears (needs the float model in memory), round-to-nearest for the rest, written by the
     streaming writer with the same layout and manifest as :func:`quantize_checkpoint`."""
     from edge_gemma.checkpoint import load_model
@@ -168,9 +172,9 @@ def gptq_quantize_checkpoint(src: str | os.PathLike, recipe: Recipe | str, out: 
     layout = load_config(Path(src)).model_type
     model = load_model(src, text_only=True, mmap_embeddings=True)  # the tables are not calibrated: keep them on disk
     precomputed = gptq_text_weights(model, recipe, calibration, layout=layout, damp=damp, block_size=block_size,
-                                    progress=progress)
+                                    act_order=act_order, progress=progress)
     del model
-    algorithm = {"name": "gptq", "damp": damp, "block_size": block_size, "act_order": False,
+    algorithm = {"name": "gptq", "damp": damp, "block_size": block_size, "act_order": act_order,
                  "calibration": {"sequences": len(calibration),
                                  "tokens": int(sum(int(b.numel()) for b in calibration))}}
     return quantize_checkpoint(src, recipe, out, precomputed=precomputed, algorithm=algorithm, progress=progress,
@@ -195,6 +199,50 @@ def apply_quantized(model: nn.Module, quant_dir: str | os.PathLike, *, layout: s
     return model
 
 
+ACT_QUANT_MODES = ("none", "per-token", "per-block")
+
+
+def fake_quant_int8(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """Symmetric int8 quantize-dequantize of activations ``x[..., K]``: one scale ``amax / 127`` per token
+    (``block=None``) or per block of ``block`` consecutive input features (``K % block == 0``), codes rounded to
+    nearest (ties to even, as ``torch.round``) and clipped to [-127, 127]; all-zero tokens/blocks stay zero."""
+    shape = x.shape
+    xf = x.to(torch.float32)
+    if block is not None:
+        xf = xf.reshape(*shape[:-1], shape[-1] // block, block)  # (..., K/B, B)
+    scale = xf.abs().amax(-1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(xf / scale), -127, 127) * scale
+    return q.reshape(shape).to(x.dtype)
+
+
+def activation_quant(model: nn.Module, quant_dir: str | os.PathLike, *, layout: str, mode: str = "per-token"
+                     ) -> list[Any]:
+    """Emulate the backends' dynamic int8 activation quantization in front of every int4 linear of a quantized
+    checkpoint (XNNPACK's dynamically quantized linear quantizes each token's input row to int8; ONNX Runtime's
+    ``MatMulNBits`` with ``accuracy_level=4`` quantizes the input in blocks of the weight's group size). ``mode``:
+    ``per-token`` (one scale per row), ``per-block`` (one scale per int4 group of the row) or ``none``. int8 linears
+    and the float/embedding paths are left alone. Returns the hook handles (``h.remove()`` undoes it)."""
+    if mode not in ACT_QUANT_MODES:
+        raise ValueError(f"activation quantization mode {mode!r}: expected one of {ACT_QUANT_MODES}")
+    if mode == "none":
+        return []
+    manifest = json.loads((Path(quant_dir) / "quant_manifest.json").read_text())
+    int4 = {name: entry["scheme"]["group_size"] for name, entry in manifest["tensors"].items()
+            if entry.get("scheme") and entry["scheme"].get("bits") == 4}
+    names = _hf_names(model, layout)
+    handles = []
+    for mname, module in model.named_modules():
+        hf = names.get(f"{mname}.weight")
+        if isinstance(module, nn.Linear) and hf in int4:
+            block = int4[hf] if mode == "per-block" else None
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, block=block: (fake_quant_int8(args[0], block), *args[1:])))
+    if not handles:
+        logger.debug("%s: no int4 linear; activations stay float", quant_dir)
+    return handles
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelQuality:
     """Next-token agreement of a quantized model with its float original over ``tokens`` predicted positions."""
@@ -206,11 +254,13 @@ class ModelQuality:
     ppl_float: float  # perplexity of the evaluation tokens
     ppl_quant: float
     max_abs_logit_diff: float
+    activations: str = "float"  # what the quantized model did to activations (see activation_quant)
 
     def format(self) -> str:
         return (f"model-level ({self.tokens} tokens): KL mean {self.kl_mean:.5f} max {self.kl_max:.5f} nats, "
                 f"top-1 agreement {100 * self.top1_agreement:.2f} %, perplexity {self.ppl_float:.3f} -> "
-                f"{self.ppl_quant:.3f}, max |logit diff| {self.max_abs_logit_diff:.4f}")
+                f"{self.ppl_quant:.3f}, max |logit diff| {self.max_abs_logit_diff:.4f}; activations: "
+                f"{self.activations}")
 
 
 @torch.no_grad()
@@ -239,9 +289,13 @@ def model_quality(reference: nn.Module, quantized: nn.Module, batches: Sequence[
 
 
 def quality_report(src: str | os.PathLike, quant_dir: str | os.PathLike, batches: Sequence[torch.Tensor], *,
-                   text_only: bool = True) -> ModelQuality:
+                   text_only: bool = True, act_quant: str = "per-token") -> ModelQuality:
     """Load the float checkpoint twice (float, and with the quantized weights applied), compare them on ``batches``,
     and write ``quant_quality.json`` into ``quant_dir``.
+
+    ``act_quant``: the int4 linears see int8 dynamically quantized activations, as on the backends (XNNPACK's
+    dynamically quantized linear, ORT MatMulNBits ``accuracy_level=4``); see :func:`activation_quant`. The result's
+    ``activations`` field says what was emulated.
 
     Memory: two float32 text models (for E2B about 2 x 18 GiB with the embedding tables): fine for the tiny and
     reduced models, too much for a full-size checkpoint on a 24 GB machine (a quantized-embedding eager path would fix
@@ -252,7 +306,13 @@ def quality_report(src: str | os.PathLike, quant_dir: str | os.PathLike, batches
     layout = load_config(Path(src)).model_type
     reference = load_model(src, text_only=text_only)
     quantized = apply_quantized(load_model(src, text_only=text_only), quant_dir, layout=layout)
+    handles = activation_quant(quantized, quant_dir, layout=layout, mode=act_quant)
     quality = model_quality(reference, quantized, batches)
+    for h in handles:
+        h.remove()
+    if handles:
+        quality = replace(quality, activations=f"int8 dynamic ({act_quant}, symmetric) before the int4 linears, "
+                                               f"as the backends run them")
     path = Path(quant_dir) / QUALITY_FILENAME
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(asdict(quality), indent=1))

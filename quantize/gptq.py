@@ -26,7 +26,7 @@ import numpy as np
 
 from .schemes import Int4Group, Int4GroupAsym, Int8PerChannel, Scheme, SchemeError
 
-__all__ = ["gptq_quantize", "inverse_hessian_factor", "GPTQError"]
+__all__ = ["gptq_quantize", "inverse_hessian_factor", "act_order_permutation", "GPTQError"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,22 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> np.ndarra
     raise GPTQError("GPTQ: the Hessian is not positive definite even with 1000x dampening")
 
 
+def act_order_permutation(hessian: np.ndarray) -> np.ndarray:
+    """Columns in decreasing ``diag(H)`` order (stable), the order act-order GPTQ quantizes them in."""
+    return np.argsort(-np.diagonal(np.asarray(hessian)), kind="stable")
+
+
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, scheme: Scheme, *, damp: float = 0.01,
-                  block_size: int = 128, factor: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                  block_size: int = 128, factor: np.ndarray | None = None,
+                  act_order: bool = False) -> dict[str, np.ndarray]:
     """Quantize ``w[N, K]`` with GPTQ under ``hessian[K, K]`` (``2 X^T X / n``); returns the scheme's stored arrays
-    (``scheme.decode(result, w.shape)`` is the GPTQ-quantized weight)."""
+    (``scheme.decode(result, w.shape)`` is the GPTQ-quantized weight).
+
+    ``act_order``: quantize the columns in decreasing ``diag(H)`` order (largest activations first, so their error
+    can still be compensated by the most columns). Groups stay the stored, contiguous ones, so the group scales are
+    *static*: chosen from the original weights before any update (AutoGPTQ's ``static_groups=True``); the layout
+    does not change. ``factor``, when given, must then be the factor of the *permuted* Hessian
+    (``H[p][:, p]``, ``p = act_order_permutation(H)``)."""
     w = np.array(w, dtype=np.float32, copy=True)
     scheme.check_shape(w.shape)
     n, k = w.shape
@@ -67,7 +79,10 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, scheme: Scheme, *, damp: f
         raise GPTQError(f"GPTQ: Hessian has shape {np.shape(hessian)}, expected ({k}, {k}) for a weight {w.shape}")
     if not np.all(np.isfinite(w)) or not np.all(np.isfinite(hessian)):
         raise GPTQError("GPTQ: weight or Hessian contains NaN or inf")
-    u = (inverse_hessian_factor(hessian, damp) if factor is None else factor).astype(np.float32)  # (K, K) upper
+    perm = act_order_permutation(hessian) if act_order else np.arange(k)
+    if factor is None:
+        factor = inverse_hessian_factor(np.asarray(hessian)[perm][:, perm] if act_order else hessian, damp)
+    u = factor.astype(np.float32)  # (K, K) upper, in quantization order
 
     group = getattr(scheme, "group_size", None)
     if group is not None:
@@ -76,6 +91,11 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, scheme: Scheme, *, damp: f
         n_groups = k // group
         scales = np.zeros((n, n_groups), np.float32)
         zeros = np.zeros((n, n_groups), np.uint8) if isinstance(scheme, Int4GroupAsym) else None
+        if act_order:  # static groups: scales from the original weights
+            params = group_scheme.quantize(w)
+            scales[:] = params["scales"]
+            if zeros is not None:
+                zeros[:] = params["zeros"]
     elif isinstance(scheme, Int8PerChannel):
         row_scales = scheme.quantize(w)["scales"]  # (N,) from the original rows
     else:
@@ -83,6 +103,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, scheme: Scheme, *, damp: f
     codes = np.zeros((n, k), np.int16)
 
     col_scale = col_zero = None
+    w = w[:, perm] if act_order else w
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].copy()  # (N, B) current values of this block
@@ -90,7 +111,14 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, scheme: Scheme, *, damp: f
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if group is not None and col % group == 0:
+            if act_order:  # static group of the original column perm[col]
+                col = int(perm[col])
+                if group is not None:
+                    col_scale = scales[:, col // group]
+                    col_zero = None if zeros is None else zeros[:, col // group]
+                else:
+                    col_scale = row_scales
+            elif group is not None and col % group == 0:
                 params = group_scheme.quantize(w1[:, i:i + group])  # scales (N, 1), zeros (N, 1)
                 col_scale = params["scales"][:, 0]
                 scales[:, col // group] = col_scale
