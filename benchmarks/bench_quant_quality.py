@@ -4,7 +4,7 @@
 Two jobs:
 
 * ``--make-data`` writes the two texts ``tests/test_quant_quality.py`` uses (the test must not read the stdlib):
-  ``tests/data/quant_quality/heldout.txt``: docstrings of the modules ``scripts/train_default_model.py`` holds out
+  ``edge_gemma/data/text/heldout.txt``: docstrings of the modules ``scripts/train_default_model.py`` holds out
   (every 20th stdlib module; the model never saw them), in the training document format (half chat turns, half
   ``<bos>doc<eos>``); ``calibration.txt``: docstrings of *training* modules (a different source from the evaluation
   text: other modules, never the held-out ones), same format. Both are cut to whole documents.
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "tests" / "data" / "quant_quality"
+DATA = REPO / "edge_gemma" / "data" / "text"
 HELDOUT_CHARS = 60_000
 CALIBRATION_CHARS = 60_000
 

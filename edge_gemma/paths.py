@@ -7,6 +7,7 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parent / "data"
 DEFAULT_CHECKPOINT = DATA / "default"
 CONFIGS = DATA / "configs"
+TEXT = DATA / "text"  # built-in calibration and held-out texts for quantization
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:

@@ -10,11 +10,29 @@ import argparse
 import sys
 from pathlib import Path
 
+from edge_gemma.paths import TEXT
+
 from .recipes import RECIPES
+from .safetensors_io import SafetensorsFile
 from .report import REPORT_FILENAME
 from .stream import quantize_checkpoint
 
 __all__ = ["add_arguments", "run"]
+
+CALIBRATION_TEXT = TEXT / "calibration.txt"  # built-in texts (package data)
+HELDOUT_TEXT = TEXT / "heldout.txt"
+# The model-level report loads the float model twice: the default above this size is per-tensor errors only.
+FULL_REPORT_MAX_PARAMS = 1_000_000_000
+
+
+def num_parameters(src: Path) -> int:
+    """Values stored in a checkpoint's safetensors files (headers only)."""
+    files = [src] if src.is_file() else sorted(src.glob("*.safetensors"))
+    total = 0
+    for f in files:
+        with SafetensorsFile(f) as st:
+            total += sum(t.rows * t.row_numel for t in st.tensors.values())
+    return total
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,11 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algorithm", choices=("rtn", "gptq"), default="rtn",
                         help="rtn: round to nearest, streaming (default); gptq: GPTQ for the text linears, using "
                              "--calibration (loads the float text model into memory)")
-    parser.add_argument("--calibration", metavar="TEXT_FILE",
-                        help="UTF-8 text for GPTQ calibration, tokenized with the checkpoint's tokenizer")
-    parser.add_argument("--quality-text", metavar="TEXT_FILE",
-                        help="held-out UTF-8 text: also report model-level quality (KL, top-1 agreement, perplexity) "
-                             "of the quantized model against the float one (writes quant_quality.json)")
+    parser.add_argument("--calibration", metavar="TEXT_FILE", default=str(CALIBRATION_TEXT),
+                        help="UTF-8 text for GPTQ calibration, tokenized with the checkpoint's tokenizer "
+                             "(default: the built-in edge_gemma/data/text/calibration.txt, Python docstrings)")
+    parser.add_argument("--report", choices=("tensors", "full"), default=None,
+                        help="tensors: per-tensor errors only; full: also the model-level figures (KL, top-1 "
+                             "agreement, perplexity of float vs quantized on held-out text, quant_quality.json). "
+                             f"Default: full below {FULL_REPORT_MAX_PARAMS / 1e9:g} billion parameters, else tensors")
+    parser.add_argument("--quality-text", metavar="TEXT_FILE", default=str(HELDOUT_TEXT),
+                        help="held-out UTF-8 text for the full report (default: the built-in "
+                             "edge_gemma/data/text/heldout.txt, docstrings the embedded model never saw)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration/evaluation sequence")
     parser.add_argument("--max-sequences", type=int, default=128, help="at most this many sequences per text")
 
@@ -48,8 +71,6 @@ def run(args: argparse.Namespace) -> int:
     kwargs = dict(max_shard_bytes=int(args.max_shard_gb * 2**30), chunk_bytes=args.chunk_mb * 2**20,
                   overwrite=args.overwrite, progress=not args.no_progress)
     if args.algorithm == "gptq":
-        if not args.calibration:
-            raise ValueError("--algorithm gptq needs --calibration TEXT_FILE")
         from .calibrate import gptq_quantize_checkpoint
 
         report = gptq_quantize_checkpoint(src, args.recipe, args.out, _batches(src, args.calibration, args), **kwargs)
@@ -57,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         report = quantize_checkpoint(src, args.recipe, args.out, **kwargs)
     sort = "error" if args.report_top is not None else "order"
     print(report.format_table(limit=args.report_top, sort=sort))
-    if args.quality_text:
+    full = args.report == "full" or (args.report is None and num_parameters(src) < FULL_REPORT_MAX_PARAMS)
+    if full:
         from .calibrate import quality_report
 
         print(quality_report(src, args.out, _batches(src, args.quality_text, args)).format())

@@ -2,7 +2,7 @@
 
 Evaluation text: docstrings of the stdlib modules `scripts/train_default_model.py` holds out (every 20th module);
 calibration text: docstrings of training modules (a different source: other modules). Both were written by
-`benchmarks/bench_quant_quality.py --make-data` into tests/data/quant_quality/. The int4 models run with the backends'
+`benchmarks/bench_quant_quality.py --make-data` into edge_gemma/data/text/. The int4 models run with the backends'
 dynamic int8 activation quantization emulated (`calibrate.activation_quant`, per token). Float reference: the fp32
 eager model; every metric compares it with the same model after quantize -> dequantize (`apply_quantized`).
 """
@@ -23,7 +23,7 @@ from edge_gemma.quantize.calibrate import (activation_quant, apply_quantized, fa
 from edge_gemma.quantize.stream import quantize_checkpoint
 from edge_gemma.tokenizer import Tokenizer
 
-DATA = Path(__file__).parent / "data" / "quant_quality"
+DATA = Path(__file__).resolve().parents[1] / "edge_gemma" / "data" / "text"
 SEQ_LEN = 256
 EVAL_SEQUENCES = 8  # 2040 predicted tokens
 CALIB_SEQUENCES = 8  # 2048 tokens
@@ -129,3 +129,25 @@ def test_gptq_act_order_static_groups():
     assert np.all(np.diff(np.diagonal(h)[perm]) <= 0)
     err = lambda wq: float(np.linalg.norm(x @ (wq - w).T))  # noqa: E731
     assert err(scheme.decode(stored, w.shape)) < 0.5 * err(scheme.dequantize(rtn))  # measured 0.11
+
+
+def test_cli_full_report_is_the_default_for_small_models(tmp_path):
+    """Below one billion parameters `edge-gemma quantize` adds the model-level figures on the built-in held-out text;
+    `--report tensors` skips them."""
+    import json
+    import subprocess
+    import sys
+
+    from edge_gemma.paths import DEFAULT_CHECKPOINT
+    from edge_gemma.quantize.cli import FULL_REPORT_MAX_PARAMS, num_parameters
+
+    assert 0 < num_parameters(DEFAULT_CHECKPOINT) < FULL_REPORT_MAX_PARAMS
+    base = [sys.executable, "-m", "edge_gemma.cli", "quantize", "default", "--recipe", "int8", "--no-progress",
+            "--max-sequences", "2", "--seq-len", "64"]
+    r = subprocess.run(base + ["--out", str(tmp_path / "full")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    quality = json.loads((tmp_path / "full" / "quant_quality.json").read_text())
+    assert quality["tokens"] == 2 * 63 and quality["top1_agreement"] > 0.9
+    r = subprocess.run(base + ["--out", str(tmp_path / "tensors"), "--report", "tensors"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "tensors" / "quant_quality.json").exists()
