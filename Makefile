@@ -13,7 +13,7 @@ BACKENDS ?=
 OUT ?=
 CONTEXT ?= 4096
 
-.PHONY: setup test demo verify quantize export run bench clean-venv
+.PHONY: setup test demo verify quantize export run bench bench-onnx clean-venv
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ quantize: setup
 
 bench: setup
 	$(PY) benchmarks/bench_load.py
+
+# make bench-onnx CHECKPOINT=/work/synthetic/e2b [OUT=dir] [RUNS=3] [BENCH_ARGS="--profile"]
+# int4 ONNX export (text graphs: the audio graph's export does not finish at full size yet), timed, then RUNS x bench.
+bench-onnx: setup
+	$(PY) benchmarks/bench_onnx.py --checkpoint $(or $(CHECKPOINT),$(error pass CHECKPOINT=<checkpoint dir>)) --artifact $(or $(OUT),artifacts/$(notdir $(CHECKPOINT))-$(QUANT)) --quant $(QUANT) --context $(CONTEXT) --threads 2 --prompt-tokens 512 --new-tokens 128 --runs $(or $(RUNS),3) --no-check --text-only $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

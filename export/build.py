@@ -249,6 +249,12 @@ def _write_ple(path: Path, weights: Path, quantized: bool, config: ModelConfig, 
         bar.close()
 
 
+def _check_tokenizer(src: Path) -> None:
+    """Fail before quantizing (minutes on a full-size model) when the checkpoint has no tokenizer to copy."""
+    if not any((src / f).is_file() for f in TOKENIZER_FILES[:3]):
+        raise ExportError(f"{src}: no tokenizer.json or tokenizer.model to put into the artifact")
+
+
 def _copy_tokenizer(writer: ArtifactWriter, src: Path) -> dict[str, Any]:
     copied = []
     for fname in TOKENIZER_FILES:
@@ -351,6 +357,7 @@ def build_artifact(
                           f"{config.text.max_position_embeddings} ({ckpt / 'config.json'})")
     max_prefill_chunk = max(1, min(max_prefill_chunk, context))
     out = Path(out)
+    _check_tokenizer(ckpt)
     with ArtifactWriter(out, force=force) as writer:
         weights, quantized, qmanifest = _prepare_source(ckpt, quant, writer.root, progress)
         recipe = (qmanifest.get("recipe") or {}).get("name", quant)

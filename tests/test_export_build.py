@@ -192,6 +192,10 @@ def test_bench_measures_the_artifact(artifact):
     m = json.loads(r.stdout)["measured"]
     assert m["prompt_tokens"] == 20 and m["new_tokens"] == 5 and m["backend"] == "onnx"
     assert m["decode_tok_s"] > 0 and m["prefill_tok_s"] > 0 and m["ttft_s"] > 0 and m["peak_rss_mb"] > 0
+    # The PLE table is memory-mapped: /proc/self/smaps gives its resident pages, some but never more than the file.
+    ple = m["ple"]
+    assert ple["file_bytes"] == (artifact / "ple.bin").stat().st_size
+    assert 0 < ple["resident_bytes"] <= ple["file_bytes"]
 
 
 def test_an_unavailable_backend_is_an_error_listing_the_available_ones(artifact):
@@ -201,11 +205,16 @@ def test_an_unavailable_backend_is_an_error_listing_the_available_ones(artifact)
 
 
 # ------------------------------------------------------------------------------------------------ export args
-def test_unimplemented_backends_are_named(tmp_path):
-    r = cli("export", "default", "--backends", "onnx,litert", "--out", str(tmp_path / "x"))
+def test_unknown_and_unimplemented_backends_are_named(tmp_path, monkeypatch):
+    r = cli("export", "default", "--backends", "onnx,tensorrt", "--out", str(tmp_path / "x"))
     assert r.returncode == 2
-    assert "the litert exporter is not implemented yet; implemented: onnx" in r.stderr
+    assert "unknown backend 'tensorrt'; known backends: onnx, executorch, litert" in r.stderr
     assert not (tmp_path / "x").exists()
+    from edge_gemma.export import build
+
+    monkeypatch.setattr(build, "implemented_backends", lambda: ["onnx"])
+    with pytest.raises(build.ExportError, match="the litert exporter is not implemented yet; implemented: onnx"):
+        build._check_backends(["onnx", "litert"])
 
 
 def test_a_quantized_checkpoint_is_used_as_it_is(tmp_path):

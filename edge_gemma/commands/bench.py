@@ -47,6 +47,32 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
+def mapped_resident_bytes(path: str | Path) -> tuple[int, int] | None:
+    """(resident bytes, mapped bytes) of this process's mappings of `path`, summed from /proc/self/smaps.
+
+    This is what the memory-mapped PLE table really costs: the pages of the rows that were gathered, not the whole
+    file. None where /proc is not there (macOS) or the file is not mapped."""
+    target = str(Path(path).resolve())
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    rss = size = 0
+    found = inside = False
+    for line in lines:
+        head = line.split(None, 5)
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):  # a mapping's header line
+            inside = len(head) == 6 and head[5].strip() == target
+            found = found or inside
+        elif inside and head and head[0] in ("Rss:", "Size:"):
+            kib = int(head[1]) * 1024
+            if head[0] == "Rss:":
+                rss += kib
+            else:
+                size += kib
+    return (rss, size) if found else None
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from ._common import open_model
 
@@ -62,12 +88,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         ids = prompt_ids(model.processor.tokenizer, n)
         opts = model.options(max_new_tokens=args.new_tokens, ignore_eos=args.ignore_eos)
         stats = model.engine.generate_ids(ids, options=opts).result().stats
+        ple = None
+        if model.artifact is not None and "ple" in model.artifact.manifest:
+            ple_path = model.artifact.path(model.artifact.manifest["ple"]["file"])
+            resident = mapped_resident_bytes(ple_path)
+            if resident is not None:
+                ple = {"file_bytes": ple_path.stat().st_size, "resident_bytes": resident[0],
+                       "resident_fraction": resident[0] / max(1, ple_path.stat().st_size)}
         return {
             "artifact": str(args.artifact), "backend": model.backend.name,
             "variant": _variant(args, model, required=False), "threads": args.threads,
             "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
             "ttft_s": stats.ttft_s, "prefill_tok_s": stats.prefill_tok_s, "decode_tok_s": stats.decode_tok_s,
             "peak_rss_mb": stats.peak_rss_mb, "stop_reason": stats.stop_reason,
+            "ple": ple,  # the PLE table's resident pages after the generation (None: not an artifact, or no /proc)
         }
 
 
@@ -131,6 +165,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  prefill              {fmt(m.get('prefill_tok_s'), 'tok/s')}")
         print(f"  decode               {fmt(m.get('decode_tok_s'), 'tok/s')}")
         print(f"  peak RSS             {fmt(m.get('peak_rss_mb'), 'MB')}")
+        if m.get("ple"):
+            p = m["ple"]
+            print(f"  ple.bin resident     {p['resident_bytes'] / 2**20:.4g} MiB of {p['file_bytes'] / 2**20:.4g} MiB "
+                  f"({100 * p['resident_fraction']:.2f} %)")
         if args.budget:
             src = result["budget"].get("source", "")
             if not misses:
