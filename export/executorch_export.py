@@ -1,0 +1,111 @@
+"""ExecuTorch exporter: one `.pte` (embed, prefill, decode, vision, audio methods) lowered to XNNPACK, weights in an
+external `.ptd`, the PLE table left out (the engine feeds its rows from the artifact's `ple.bin`).
+
+Entry point for `export/build.py`: `export_backend(job) -> manifest entry`::
+
+    {"files": {"program": "executorch/model.pte", "data": "executorch/model.ptd"},
+     "methods": {"embed": ..., "prefill": ..., "decode": ..., "vision": ... | None, "audio": ... | None},
+     "context": T, "max_prefill_chunk": C, "hidden_size": H, "vocab_size": V, "ple": {"num_layers": L, "dim": P},
+     "caches": "mutable buffers layers.<i>.self_attn.kv_cache.{k,v}_cache, shared by prefill and decode",
+     "quantization": {"linear": "8da4w/8da8w (XNNPACK dynamic quant)" | "float", "embedding": label,
+                      "tensors": {hf_name: label}},
+     "lowering": {"export_seconds": .., "lower_seconds": ..}}
+
+How the weights become torchao tensors without re-quantization: `export/executorch_model.py`. How the program is
+lowered (partitioners, shared mutable caches, external weights): `export/executorch_lower.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .executorch_lower import lower_program
+from .executorch_model import DecoderMethod, EmbedMethod, ExecutorchExportError, load_et_model
+
+__all__ = ["ExecutorchExportError", "export_backend", "export_executorch"]
+
+log = logging.getLogger(__name__)
+
+FOLDER = "executorch"
+MAX_IMAGE_CELLS = 280  # soft tokens per image the vision method accepts
+MAX_AUDIO_FRAMES = 3000  # log-mel frames (10 ms) the audio method accepts
+
+
+def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, max_prefill_chunk: int,
+                      text_only: bool = False, rel_prefix: str = FOLDER) -> dict[str, Any]:
+    """Write `out_dir/model.pte` + `out_dir/model.ptd` and return the backend's manifest entry (paths relative to the
+    artifact root, i.e. prefixed by `rel_prefix`)."""
+    from .onnx_graphs import AudioGraph, VisionGraph
+
+    if context < 2:
+        raise ExecutorchExportError(f"context must be at least 2 positions, got {context}")
+    chunk = max(2, min(int(max_prefill_chunk), context))
+    em = load_et_model(checkpoint, context=context, text_only=text_only)
+    cfg, text = em.cfg, em.cfg.text
+    H, L, P = text.hidden_size, text.num_hidden_layers, text.hidden_size_per_layer_input
+    quantized = bool(em.schemes) and any(v != "float" for v in em.schemes.values())
+    seq = torch.export.Dim("seq", min=1, max=chunk)
+    S0 = min(3, chunk)
+    decoder = DecoderMethod(em.model.language_model, em.head).eval()
+    methods: dict[str, tuple] = {
+        "embed": (EmbedMethod(em.table, H).eval(), (torch.arange(S0),), ({0: seq},)),
+        "prefill": (decoder, (torch.zeros(1, S0, H), torch.zeros(1, S0, L, P), torch.arange(S0)),
+                    ({1: seq}, {1: seq}, {0: seq})),
+        "decode": (decoder, (torch.zeros(1, 1, H), torch.zeros(1, 1, L, P), torch.arange(1)), None),
+    }
+    info: dict[str, Any] = {"vision": None, "audio": None}
+    if cfg.vision is not None and em.model.vision_tower is not None:
+        v = cfg.vision
+        k = v.pooling_kernel_size
+        side = 2 * k
+        xs, ys = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy")
+        pos = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
+        # Upper bounds matter here: ExecuTorch plans activation memory for the largest shape a method allows, and
+        # loading a tower sized for 4096 cells / 30000 frames took > 20 GB. 280 cells = Gemma 4's default image
+        # budget (280 soft tokens); 3000 frames = 30 s of audio.
+        cells = torch.export.Dim("cells", min=1, max=MAX_IMAGE_CELLS)
+        methods["vision"] = (VisionGraph(em.model.vision_tower, em.model.embed_vision).eval(),
+                             (torch.rand(side * side, 3 * v.patch_size**2), pos), ({0: cells * k * k}, {0: cells * k * k}))
+        info["vision"] = {"inputs": ["pixel_values", "position_ids"], "outputs": ["soft_tokens", "valid"],
+                          "patches_multiple_of": k * k, "max_patches": MAX_IMAGE_CELLS * k * k}
+    if cfg.audio is not None and em.model.audio_tower is not None:
+        # torch.export specializes the subsampling and chunking arithmetic unless T = m*n - (m - 3), m = 4 * chunk
+        # (T = 3 mod m): the runtime pads the features (mask False) up to the next such length.
+        m = 4 * cfg.audio.attention_chunk_size
+        n = torch.export.Dim("audio_blocks", min=2, max=max(3, MAX_AUDIO_FRAMES // m))
+        frames = m * n - (m - 3)
+        T0 = 2 * m + 3
+        methods["audio"] = (AudioGraph(em.model.audio_tower, em.model.embed_audio).eval(),
+                            (torch.randn(T0, 128), torch.ones(T0, dtype=torch.bool)), ({0: frames}, {0: frames}))
+        info["audio"] = {"inputs": ["features", "mask"], "outputs": ["soft_tokens", "valid"],
+                         "frames_modulus": m, "frames_remainder": 3, "min_frames": m + 3,
+                         "max_frames": m * max(3, MAX_AUDIO_FRAMES // m) - (m - 3)}
+    timings = lower_program(methods, out_dir, precise=not quantized)
+    emb_label = next((v for n, v in em.schemes.items() if n.endswith("embed_tokens.weight")), "float")
+    return {
+        "files": {"program": f"{rel_prefix}/{timings['pte']}", "data": f"{rel_prefix}/{timings['ptd']}"},
+        "methods": {"embed": {"inputs": ["ids"], "outputs": ["embeds"]},
+                    "prefill": {"inputs": ["inputs_embeds", "ple_rows", "positions"], "outputs": ["logits"]},
+                    "decode": {"inputs": ["inputs_embeds", "ple_rows", "positions"], "outputs": ["logits"]},
+                    **info},
+        "context": context,
+        "max_prefill_chunk": chunk,
+        "hidden_size": H,
+        "vocab_size": text.vocab_size,
+        "ple": {"num_layers": L, "dim": P},
+        "caches": {"kind": "mutable buffers shared by prefill and decode",
+                   "layers": [f"layers.{i}.self_attn.kv_cache" for i in text.cache_layers]},
+        "quantization": {"linear": "XNNPACK dynamic int8 activations (8da4w / 8da8w)" if quantized else "float",
+                         "embedding": emb_label, "tensors": em.schemes},
+        "lowering": {k: timings[k] for k in ("export_seconds", "lower_seconds")},
+    }
+
+
+def export_backend(job) -> dict[str, Any]:
+    """`export/build.py`'s hook: write `<artifact>/executorch/` from `job.checkpoint`."""
+    return export_executorch(job.checkpoint, job.out_dir, context=job.context,
+                             max_prefill_chunk=job.max_prefill_chunk, rel_prefix=job.folder)

@@ -1,0 +1,155 @@
+"""torch.export -> XNNPACK lowering -> one `.pte` (methods) + one `.ptd` (weights) for the ExecuTorch backend.
+
+Methods of `executorch/model.pte` (batch 1 inside; the runtime passes the shapes below):
+
+  embed    ids [S] int64 (1 <= S <= chunk)                        -> embeds [S, H]
+  prefill  inputs_embeds [1,S,H], ple_rows [1,S,L,P], positions [S] -> logits [1, V]   (S dynamic, 1..chunk)
+  decode   the same with S = 1 (static shapes: XNNPACK plans the one-token path once)
+  vision   pixel_values [Np, 3p^2], position_ids [Np, 2]          -> soft tokens [Np/k^2, H], valid [Np/k^2]
+  audio    features [T, 128], mask [T] bool                       -> soft tokens [T', H], valid [T']
+
+KV caches: the eager model's static caches (`layers.i.self_attn.kv_cache.k_cache/v_cache`, cache-owning layers only)
+are mutable buffers; `KVCache.update`'s `index_copy_` is re-inplaced (`run_reinplace_pass`), and
+`MemoryPlanningPass(share_mutable_buffers=True)` gives `prefill` and `decode` ONE allocation per buffer (mem_id 2),
+initialised to zeros (`InitializedMutableBufferPass`: masked slots must hold finite values, since a zero attention
+weight times NaN is NaN). The zeros are stored in the `.pte` (E2B at 4096 context: ~150 MB; a `reset` method that
+zeroes them at load would avoid it -- not done).
+
+Weights: every constant (delegated XNNPACK weights and the portable ops' tables) is tagged into the external file
+`model.ptd` (`delegate_external_constants_pass_unlifted` on the unlifted module, re-export, and
+`ExecutorchBackendConfig(external_constants=...)`); the runtime memory-maps it.
+
+Partitioners: `XnnpackDynamicallyQuantizedPartitioner` (the 8da4w / 8da8w linears) then `XnnpackPartitioner`. For an
+fp32 export (`precise=True`) XNNPACK's transcendental kernels (gelu, tanh, exp, softmax, sin/cos, pow, rsqrt, ...)
+are left to the portable kernels: XNNPACK's approximations moved the tiny model's logits by ~3e-3; without them the
+fp32 program matches eager to ~2e-5. Quantized exports delegate everything (the int8 rounding dominates anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["PRECISE_EXCLUDED", "lower_program"]
+
+log = logging.getLogger(__name__)
+
+PTD_TAG = "model"  # -> model.ptd
+PRECISE_EXCLUDED = ("GeluConfig", "TanhConfig", "ExpConfig", "SoftmaxConfig", "SinConfig", "CosConfig", "PowConfig",
+                    "LogConfig", "SigmoidConfig", "ReciprocalSquareRootConfig", "SquareRootConfig")
+
+
+@contextlib.contextmanager
+def _short_provenance():
+    """Keep only one level of `from_node` provenance per node while lowering.
+
+    torch.fx deep-copies a node's whole provenance chain each time a pass rewrites it; through the dozens of edge and
+    XNNPACK passes the chains grow with every pass and the copies dominated lowering (py-spy: most of the time in
+    `NodeSource.__init__` -> `copy.deepcopy`). Provenance is debug information only."""
+    from torch.fx import traceback as fx_traceback
+
+    original = fx_traceback.NodeSource.__init__
+
+    def init(self, node, pass_name="", action=None):
+        original(self, None, pass_name, action)
+        if node is not None:
+            self.node_info = self.NodeInfo(name=node.name, target=str(node.target), graph_id=id(node.graph))
+
+    fx_traceback.NodeSource.__init__ = init
+    try:
+        yield
+    finally:
+        fx_traceback.NodeSource.__init__ = original
+
+
+def _tag(node) -> str | None:
+    target = str(getattr(node, "target", ""))
+    return None if "kv_cache" in target else PTD_TAG
+
+
+def _export(module: nn.Module, args: tuple, dynamic_shapes: Any):
+    """torch.export (no_grad, non-strict), then tag the constants for the external file and export again."""
+    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+        unlifted = ep.module()
+        delegate_external_constants_pass_unlifted(unlifted, gen_tag_fn=_tag)
+        return torch.export.export(unlifted, args, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _partitioners(precise: bool) -> list:
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackDynamicallyQuantizedPartitioner,
+        XnnpackPartitioner,
+    )
+
+    configs = [c for c in ALL_PARTITIONER_CONFIGS if not (precise and c.__name__ in PRECISE_EXCLUDED)]
+    return [XnnpackDynamicallyQuantizedPartitioner(configs=configs), XnnpackPartitioner(configs=configs)]
+
+
+def lower_program(methods: dict[str, tuple[nn.Module, tuple, Any]], out_dir: Path, *, precise: bool,
+                  name: str = "model") -> dict[str, Any]:
+    """Export every method `{name: (module, example args, dynamic_shapes)}`, lower them together and write
+    `out_dir/<name>.pte` and `out_dir/model.ptd`. Returns timings and file names."""
+    with _short_provenance():
+        return _lower(methods, out_dir, precise=precise, name=name)
+
+
+def _lower(methods, out_dir: Path, *, precise: bool, name: str) -> dict[str, Any]:
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+    from torchao.utils import unwrap_tensor_subclass
+
+    t0 = time.perf_counter()
+    programs = {}
+    for method, (module, args, dyn) in methods.items():
+        log.info("executorch: exporting %s", method)
+        unwrap_tensor_subclass(module)
+        programs[method] = _export(module, args, dyn)
+        for node in programs[method].graph.nodes:
+            node.meta.pop("from_node", None)
+    t_export = time.perf_counter() - t0
+    log.info("executorch: lowering %d methods to XNNPACK", len(programs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        edge = to_edge_transform_and_lower(
+            programs, partitioner={m: _partitioners(precise) for m in programs},
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
+        et = edge.to_executorch(ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            do_quant_fusion_and_const_prop=True,
+            passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
+            run_reinplace_pass=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,
+            external_constants=_tag,
+        ))
+    t_lower = time.perf_counter() - t0 - t_export
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pte = out_dir / f"{name}.pte"
+    tmp = pte.with_name(pte.name + ".tmp")
+    with open(tmp, "wb") as f:
+        et.write_to_file(f)
+    os.replace(tmp, pte)
+    et.write_tensor_data_to_file(str(out_dir))
+    ptd = out_dir / f"{PTD_TAG}.ptd"
+    if not ptd.is_file():
+        raise RuntimeError(f"ExecuTorch wrote no {ptd.name} into {out_dir} (found {sorted(os.listdir(out_dir))})")
+    for p in (pte, ptd):
+        os.chmod(p, 0o644)
+    log.info("executorch: export %.1f s, lowering %.1f s; %s %d B, %s %d B", t_export, t_lower, pte.name,
+             pte.stat().st_size, ptd.name, ptd.stat().st_size)
+    return {"pte": pte.name, "ptd": ptd.name, "export_seconds": round(t_export, 1),
+            "lower_seconds": round(t_lower, 1)}

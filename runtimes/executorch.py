@@ -1,0 +1,173 @@
+"""ExecuTorch backend: runs an artifact's `executorch/model.pte` (+ `model.ptd`) through ExecuTorch's Python runtime.
+
+Methods (see `export/executorch_lower.py`): `embed`, `prefill` (1..max_prefill_chunk tokens), `decode` (one token),
+`vision`, `audio`. The KV caches live INSIDE the program as mutable buffers shared by `prefill` and `decode` (one
+allocation, updated in place): the backend never sees a cache tensor. Slots are indexed by absolute position and
+masks come from positions, so `reset()` has nothing to clear (stale slots are never visible; they were initialised to
+zeros at load, and every later value is finite) and a rewind simply overwrites positions.
+
+Dependencies, honestly: the `executorch` wheel's Python bindings link libtorch and take `torch.Tensor` inputs, so
+this backend imports torch -- lazily, when the backend is opened, never at module import. On a phone the same `.pte`
+runs from ExecuTorch's C++/Java/Swift runtime without torch; the Raspberry Pi runtimes of this project are
+onnxruntime and LiteRT.
+
+Quantized programs need ExecuTorch's quantized kernels registered (`embedding_byte` / `embedding_4bit`):
+`import executorch.kernels.quantized` before loading.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from edge_gemma.artifact import Artifact, ArtifactError
+
+from .base import Backend, BackendError, Capabilities
+
+__all__ = ["ExecutorchBackend"]
+
+log = logging.getLogger(__name__)
+
+
+class ExecutorchBackend(Backend):
+    """`ExecutorchBackend(artifact, threads=None)`; implements `runtimes.base.Backend`."""
+
+    name = "executorch"
+
+    def __init__(self, artifact: Artifact, threads: int | None = None):
+        try:
+            import torch
+            from executorch.runtime import Runtime
+        except ImportError as exc:
+            raise BackendError(f"the executorch backend needs the executorch wheel (and torch): {exc}") from None
+        try:
+            import executorch.kernels.quantized  # noqa: F401  (registers embedding_byte / embedding_4bit)
+        except ImportError as exc:
+            raise BackendError(f"executorch's quantized kernels cannot be loaded: {exc}") from None
+        self._torch = torch
+        entry: dict[str, Any] | None = artifact.backends.get("executorch")
+        if not entry:
+            raise BackendError(f"{artifact.root}: this artifact has no executorch backend (manifest backends: "
+                               f"{sorted(artifact.backends)})")
+        self.entry = entry
+        try:
+            files = entry["files"]
+            self.context = int(entry["context"])
+            chunk = int(entry["max_prefill_chunk"])
+            H, V = int(entry["hidden_size"]), int(entry["vocab_size"])
+            self._ple = (int(entry["ple"]["num_layers"]), int(entry["ple"]["dim"]))
+            methods = entry["methods"]
+            pte, ptd = artifact.path(files["program"]), artifact.path(files["data"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{artifact.root}: manifest backends.executorch is malformed ({exc!r})") from None
+        self.threads = int(threads) if threads else (os.cpu_count() or 1)
+        try:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+            _unsafe_reset_threadpool(self.threads)
+        except (ImportError, RuntimeError) as exc:  # not fatal: XNNPACK keeps its default pool
+            log.warning("executorch: could not set the thread pool to %d threads (%s)", self.threads, exc)
+        self._program = Runtime.get().load_program(str(pte), data_path=str(ptd))
+        available = set(self._program.method_names)
+        wanted = {"embed", "prefill", "decode"} | {m for m in ("vision", "audio") if methods.get(m)}
+        if not wanted <= available:
+            raise ArtifactError(f"{pte}: the program has methods {sorted(available)}, the manifest needs "
+                                f"{sorted(wanted)}")
+        # Text methods now; a tower's method on first use (loading a method allocates its planned activation
+        # memory, sized for the largest input its dynamic shapes allow).
+        self._wanted = wanted
+        self._methods = {m: self._program.load_method(m) for m in ("embed", "prefill", "decode")}
+        self.capabilities = Capabilities(context=self.context, max_prefill_chunk=chunk, hidden_size=H, vocab_size=V,
+                                         vision="vision" in wanted, audio="audio" in wanted)
+
+    def _run(self, method: str, *arrays: np.ndarray) -> list[np.ndarray]:
+        if method not in self._methods:
+            self._methods[method] = self._program.load_method(method)
+        inputs = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        return [o.numpy() for o in self._methods[method].execute(inputs)]
+
+    # -- text -----------------------------------------------------------------------------------------------------
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.capabilities.vocab_size):
+            raise ValueError(f"embed: token ids must be in [0, {self.capabilities.vocab_size}), found "
+                             f"[{ids.min()}, {ids.max()}]")
+        chunk = self.capabilities.max_prefill_chunk
+        parts = [self._run("embed", ids[s:s + chunk])[0] for s in range(0, ids.size, chunk)]
+        H = self.capabilities.hidden_size
+        return np.concatenate(parts).copy() if parts else np.zeros((0, H), np.float32)
+
+    def prefill(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self._step("prefill", embeds, ple_rows, positions)
+
+    def decode(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self._step("decode" if np.size(positions) == 1 else "prefill", embeds, ple_rows, positions)
+
+    def _step(self, method: str, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        H = self.capabilities.hidden_size
+        L, P = self._ple
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        ple_rows = np.ascontiguousarray(ple_rows, dtype=np.float32)
+        positions = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+        S = positions.size
+        if embeds.shape != (S, H) or ple_rows.shape != (S, L, P):
+            raise ValueError(f"{method}: embeds {embeds.shape} / ple_rows {ple_rows.shape} for {S} positions; "
+                             f"expected ({S}, {H}) and ({S}, {L}, {P})")
+        if not 1 <= S <= self.capabilities.max_prefill_chunk:
+            raise ValueError(f"{method}: {S} tokens; this artifact takes 1..{self.capabilities.max_prefill_chunk} "
+                             "per call (split the prompt into chunks)")
+        p0 = int(positions[0])
+        if p0 < 0 or p0 + S > self.context or np.any(positions != np.arange(p0, p0 + S)):
+            raise ValueError(f"{method}: positions must be consecutive and inside the context [0, {self.context}); "
+                             f"found {positions[:4].tolist()}{'...' if S > 4 else ''} (S={S})")
+        if S == 1:
+            method = "decode"
+        logits = self._run(method, embeds[None], ple_rows[None], positions)[0]
+        return logits[0].copy()
+
+    def reset(self) -> None:
+        """Nothing to clear: masks are built from positions, so slots beyond the new prefix are never read."""
+
+    # -- towers ---------------------------------------------------------------------------------------------------
+
+    def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        if "vision" not in self._wanted:
+            return super().encode_image(pixel_values, position_ids)
+        pv = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        pos = np.ascontiguousarray(position_ids, dtype=np.int64)
+        if pv.ndim != 2 or pos.shape != (pv.shape[0], 2):
+            raise ValueError(f"encode_image: pixel_values {pv.shape} / position_ids {pos.shape}; expected "
+                             "[Np, 3*p*p] and [Np, 2]")
+        most = int(self.entry["methods"]["vision"].get("max_patches", pv.shape[0]))
+        if pv.shape[0] > most:
+            raise ValueError(f"encode_image: {pv.shape[0]} patches; this artifact's vision method takes at most {most}")
+        soft, valid = self._run("vision", pv, pos)
+        return soft[valid.astype(bool)].copy()
+
+    def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if "audio" not in self._wanted:
+            return super().encode_audio(features, mask)
+        f = np.ascontiguousarray(features, dtype=np.float32)
+        m = np.ascontiguousarray(mask, dtype=bool).reshape(-1)
+        if f.ndim != 2 or m.shape != (f.shape[0],):
+            raise ValueError(f"encode_audio: features {f.shape} / mask {m.shape}; expected [T, 128] and [T]")
+        spec = self.entry["methods"]["audio"]
+        mod, rem, lo = int(spec["frames_modulus"]), int(spec["frames_remainder"]), int(spec["min_frames"])
+        T = max(f.shape[0], lo)
+        T += (rem - T) % mod  # the method takes T = rem (mod mod) frames: pad with masked-out zeros
+        if T > int(spec.get("max_frames", T)):
+            raise ValueError(f"encode_audio: {f.shape[0]} frames; this artifact's audio method takes at most "
+                             f"{spec['max_frames']}")
+        if T != f.shape[0]:
+            f = np.concatenate([f, np.zeros((T - f.shape[0], f.shape[1]), np.float32)])
+            m = np.concatenate([m, np.zeros(T - m.shape[0], bool)])
+        soft, valid = self._run("audio", f, m)
+        return soft[valid.astype(bool)].copy()
+
+    def close(self) -> None:
+        self._methods = {}
+        self._program = None
