@@ -1,4 +1,4 @@
-"""`edge-gemma export [CHECKPOINT] [--variant e2b|e4b] --quant Q --backends onnx --out DIR`.
+"""`edge-gemma export [CHECKPOINT] [--variant e2b|e4b] --quant Q [--backends onnx,litert] --out DIR`.
 
 CHECKPOINT is a Hugging Face checkpoint directory, a quantized checkpoint from `edge-gemma quantize` (used as it is:
 quantization happens once), or `default` (the embedded model). `--variant` without CHECKPOINT downloads the
@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", default=None,
                         help="quantization recipe: fp32, int8, int4 (default int4; a quantized CHECKPOINT keeps its "
                              "own recipe)")
-    parser.add_argument("--backends", default="onnx", help="comma-separated: onnx, executorch, litert (default onnx)")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated: onnx, executorch, litert (default: every backend whose exporter is "
+                             "implemented in this installation)")
     parser.add_argument("--out", default=None, help="artifact directory (default artifacts/<name>-<quant>)")
     parser.add_argument("--context", type=int, default=4096, help="context length the caches hold (default 4096)")
     parser.add_argument("--prefill-chunk", type=int, default=128, help="most tokens per prefill call (default 128)")
@@ -43,13 +45,16 @@ def _quant_of(path: Path) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_gemma.export.build import build_artifact
+    from edge_gemma.export.build import build_artifact, implemented_backends
     from edge_gemma.export.source import default_out, resolve_source
 
     source = resolve_source(args.variant, args.checkpoint)
     quant = args.quant or _quant_of(source.path) or "int4"
     out = Path(args.out) if args.out else default_out(source, quant)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.backends is None:
+        backends = implemented_backends()
+    else:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     report = build_artifact(
         source.path, quant, backends, out, context=args.context,
         force=args.force, check=not args.no_check, max_prefill_chunk=args.prefill_chunk,
