@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", choices=("tensors", "full"), default=None,
                         help="tensors: per-tensor errors only; full: also the model-level figures (KL, top-1 "
                              "agreement, perplexity of float vs quantized on held-out text, quant_quality.json). "
-                             f"Default: full below {FULL_REPORT_MAX_PARAMS / 1e9:g} billion parameters, else tensors")
+                             f"Default: full below {FULL_REPORT_MAX_PARAMS / 1e9:g} billion parameters when the checkpoint has a "
+                             "tokenizer, else tensors")
     parser.add_argument("--quality-text", metavar="TEXT_FILE", default=str(HELDOUT_TEXT),
                         help="held-out UTF-8 text for the full report (default: the built-in "
                              "edge_gemma/data/text/heldout.txt, docstrings the embedded model never saw)")
@@ -78,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
         report = quantize_checkpoint(src, args.recipe, args.out, **kwargs)
     sort = "error" if args.report_top is not None else "order"
     print(report.format_table(limit=args.report_top, sort=sort))
-    full = args.report == "full" or (args.report is None and num_parameters(src) < FULL_REPORT_MAX_PARAMS)
+    has_tokenizer = src.is_dir() and any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+    full = args.report == "full" or (
+        args.report is None and has_tokenizer and num_parameters(src) < FULL_REPORT_MAX_PARAMS
+    )
     if full:
         from .calibrate import quality_report
 

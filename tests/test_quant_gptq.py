@@ -181,5 +181,6 @@ def test_cli_gptq_with_calibration_text_and_quality_report(tiny_checkpoints, tmp
     assert report["unknown_tensors"] == [] and "model.layers.0.mlp.down_proj.weight" in manifest["tensors"]
     assert manifest["tensors"]["model.layers.0.mlp.down_proj.weight"]["algorithm"] == "gptq"
     assert json.loads((tmp_path / "q" / "quant_quality.json").read_text())["tokens"] == 3 * 31
-    with pytest.raises(ValueError, match="needs --calibration"):
-        cli.run(parser.parse_args([str(src), "--out", str(tmp_path / "q2"), "--algorithm", "gptq"]))
+    # without --calibration, GPTQ calibrates on the built-in text
+    assert parser.parse_args([str(src), "--out", "x", "--algorithm", "gptq"]).calibration == str(cli.CALIBRATION_TEXT)
+    assert cli.CALIBRATION_TEXT.is_file()
