@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Backend", "BackendError", "Capabilities"]
+__all__ = ["Backend", "BackendError", "Capabilities", "check_step_inputs"]
 
 
 class BackendError(RuntimeError):
@@ -85,3 +85,28 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def check_step_inputs(
+    what: str, caps: Capabilities, ple_shape: tuple[int, int], embeds: np.ndarray, ple_rows: np.ndarray,
+    positions: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate and normalise one `prefill`/`decode` call for a backend whose graphs take a run of consecutive
+    positions: -> contiguous (embeds [S, H] float32, ple_rows [S, L, P] float32, positions [S] int64)."""
+    H = caps.hidden_size
+    L, P = ple_shape
+    embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+    ple_rows = np.ascontiguousarray(ple_rows, dtype=np.float32)
+    positions = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+    S = positions.size
+    if embeds.shape != (S, H) or ple_rows.shape != (S, L, P):
+        raise ValueError(f"{what}: embeds {embeds.shape} / ple_rows {ple_rows.shape} for {S} positions; "
+                         f"expected ({S}, {H}) and ({S}, {L}, {P})")
+    if not 1 <= S <= caps.max_prefill_chunk:
+        raise ValueError(f"{what}: {S} tokens; this artifact takes 1..{caps.max_prefill_chunk} "
+                         "per call (split the prompt into chunks)")
+    p0 = int(positions[0])
+    if p0 < 0 or p0 + S > caps.context or np.any(positions != np.arange(p0, p0 + S)):
+        raise ValueError(f"{what}: positions must be consecutive and inside the context [0, {caps.context}); "
+                         f"found {positions[:4].tolist()}{'...' if S > 4 else ''} (S={S})")
+    return embeds, ple_rows, positions

@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_gemma.artifact import Artifact, ArtifactError
 
-from .base import Backend, BackendError, Capabilities
+from .base import Backend, BackendError, Capabilities, check_step_inputs
 
 __all__ = ["ExecutorchBackend"]
 
@@ -108,22 +108,9 @@ class ExecutorchBackend(Backend):
         return self._step("decode" if np.size(positions) == 1 else "prefill", embeds, ple_rows, positions)
 
     def _step(self, method: str, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        H = self.capabilities.hidden_size
-        L, P = self._ple
-        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
-        ple_rows = np.ascontiguousarray(ple_rows, dtype=np.float32)
-        positions = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+        embeds, ple_rows, positions = check_step_inputs(method, self.capabilities, self._ple, embeds, ple_rows,
+                                                        positions)
         S = positions.size
-        if embeds.shape != (S, H) or ple_rows.shape != (S, L, P):
-            raise ValueError(f"{method}: embeds {embeds.shape} / ple_rows {ple_rows.shape} for {S} positions; "
-                             f"expected ({S}, {H}) and ({S}, {L}, {P})")
-        if not 1 <= S <= self.capabilities.max_prefill_chunk:
-            raise ValueError(f"{method}: {S} tokens; this artifact takes 1..{self.capabilities.max_prefill_chunk} "
-                             "per call (split the prompt into chunks)")
-        p0 = int(positions[0])
-        if p0 < 0 or p0 + S > self.context or np.any(positions != np.arange(p0, p0 + S)):
-            raise ValueError(f"{method}: positions must be consecutive and inside the context [0, {self.context}); "
-                             f"found {positions[:4].tolist()}{'...' if S > 4 else ''} (S={S})")
         if S == 1:
             method = "decode"
         logits = self._run(method, embeds[None], ple_rows[None], positions)[0]
