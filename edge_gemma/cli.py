@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("edge_gemma.commands.chat", "multi-turn chat with an artifact, one message per line of stdin"),
     "inspect": ("edge_gemma.commands.inspect", "show an artifact's manifest; --verify checks every checksum"),
     "bench": ("edge_gemma.commands.bench", "measure speed and memory; --budget judges them against a device"),
+    "listen": ("edge_gemma.commands.listen", "voice in, answer out: speak into the microphone, the answer streams"),
 }
 
 
