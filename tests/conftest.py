@@ -46,3 +46,16 @@ def gemma4_tokenizer_json_dir(tmp_path_factory) -> Path:
     for name in ("tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(data / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def embedded_int8_onnx_artifact(tmp_path_factory) -> Path:
+    """An int8 ONNX artifact of the embedded model (context 256, no fidelity check), exported once per session through
+    the real command and shared by the voice and Pi tests (about a minute of CPU). Tests must not modify it."""
+    from artifact_builder import cli
+
+    out = tmp_path_factory.mktemp("embedded_int8_onnx") / "default-int8"
+    done = cli("export", "default", "--quant", "int8", "--backends", "onnx", "--context", "256", "--no-check",
+               "--no-progress", "--out", str(out), timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

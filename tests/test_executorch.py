@@ -77,3 +77,36 @@ def test_torchao_tensors_hold_the_checkpoint_integers(recipe, quantized_default)
 def test_runtime_module_does_not_import_torch_at_import():
     code = "import sys, edge_gemma.runtimes.executorch; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_xnnpack_row_quantization_follows_xnnpack_recipe():
+    """XNNPACK's qd8 parameters worked by hand (quantization.h): range widened to include 0, multiplier 255/range,
+    zero point from the smaller-error end, rint; codes = rint(x * (1 / (1 / m))) + zp, clamped."""
+    from edge_gemma.export.executorch_reference import xnnpack_quantize_rows
+
+    x = torch.tensor([[-1.0, 0.5, 2.0], [0.25, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    codes, zp, scale = xnnpack_quantize_rows(x)
+    f = np.float32
+    # row 0: range [-1, 2], m = 255 / 3 = 85; zero point -128 + 85 = -43 (the min end's error is the smaller)
+    m0 = f(1) / (f(1) / f(85))
+    assert zp[:, 0].tolist() == [-43.0, -128.0, 127.0]
+    assert codes[0].tolist() == [-128.0, float(np.rint(f(0.5) * m0)) - 43.0, 127.0]
+    # row 1: range [0, 1], m = 255, zero point -128; 0.25 * 255 = 63.75 -> 64
+    assert codes[1].tolist() == [-64.0, 127.0, -128.0]
+    assert scale[1, 0] == f(1) / f(255)
+    # row 2: all zeros: multiplier 1, zero point from the max end (the errors sum to -1, not > 0)
+    assert scale[2, 0] == 1.0 and codes[2].tolist() == [127.0] * 3
+
+
+def test_xnnpack_linear_is_dequantized_activations_times_dequantized_weights():
+    from edge_gemma.export.executorch_reference import XnnpackDynamicQuantLinear, xnnpack_quantize_rows
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-8, 8, (5, 64), generator=g, dtype=torch.int8)
+    s = torch.rand(5, 2, generator=g) * 0.1 + 0.01
+    x = torch.randn(3, 64, generator=g)
+    y = XnnpackDynamicQuantLinear(w, s, 32, None)(x).double()
+    codes, zp, a_scale = xnnpack_quantize_rows(x)
+    a = (codes - zp).double() * a_scale.double()
+    wd = w.double() * s.double().repeat_interleave(32, dim=1)
+    torch.testing.assert_close(y, a @ wd.T, rtol=1e-5, atol=1e-6)

@@ -119,6 +119,50 @@ def test_inspect_shows_the_manifest_and_verify_catches_a_tampered_file(artifact,
     assert "onnx/decoder.onnx.data" in bad.stderr and "checksum mismatch" in bad.stderr
 
 
+# ------------------------------------------------------------------------------------------------ --text-only
+@pytest.fixture(scope="session")
+def text_only(tmp_path_factory):
+    out = tmp_path_factory.mktemp("text_only") / "default-text"
+    r = cli("export", "default", "--out", str(out), "--quant", "int4", "--backends", "onnx", "--context", "128",
+            "--prefill-chunk", "16", "--fidelity-tokens", "12", "--no-progress", "--text-only")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_text_only_artifact_has_no_encoders_and_says_so(text_only):
+    out, r = text_only
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["text_only"] is True
+    files = m["backends"]["onnx"]["files"]
+    assert files["vision"] is None and files["audio"] is None and files["decoder"] and files["embedder"]
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["decoder.onnx", "decoder.onnx.data",
+                                                                 "embedder.onnx", "embedder.onnx.data"]
+    # the fidelity check still runs (bounded reference: text-only, bf16 weights upcast per call) and is reported
+    fid = m["fidelity"]
+    assert fid["tokens"] == 12 and set(fid["backends"]) == {"onnx", "eager-dequantized"}
+    assert 0.8 <= fid["backends"]["onnx"]["top1_agreement"] <= 1.0
+    assert "fidelity on held-out text" in r.stdout
+
+
+def test_text_only_artifact_refuses_images_and_audio(text_only):
+    from PIL import Image
+
+    import edge_gemma
+    from edge_gemma.runtimes.base import BackendError
+
+    out, _ = text_only
+    img = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
+    wave = (0.3 * np.sin(np.arange(16000) * 0.07)).astype(np.float32)
+    with edge_gemma.open(out, backend="onnx", max_soft_tokens=70) as model:
+        assert not model.backend.capabilities.vision and not model.backend.capabilities.audio
+        assert "".join(model.generate("Read a file.", max_new_tokens=2)) is not None  # text works
+        for item, encoder in (({"type": "image", "image": img}, "vision"),
+                              ({"type": "audio", "audio": wave, "sample_rate": 16000}, "audio")):
+            with pytest.raises(BackendError, match=f"has no {encoder} encoder"):
+                "".join(model.generate([{"role": "user", "content": [item, {"type": "text", "text": "What?"}]}],
+                                       max_new_tokens=2))
+
+
 # ------------------------------------------------------------------------------------------------ runtime
 def test_run_prints_only_the_answer_on_stdout(artifact):
     import edge_gemma

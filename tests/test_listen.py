@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from artifact_builder import REPO, cli, cli_env
+from artifact_builder import REPO, cli_env
 
 SR = 16_000
 SAYINGS = ("Hello there, how are you today?", "What is the weather like?", "Tell me a short story.")
@@ -70,15 +70,10 @@ def speech(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def artifact(tmp_path_factory) -> Path:
-    """An fp32 ONNX artifact of the embedded model, context 256, once per session (about 40 s of CPU). The tests
-    check plumbing, not numerics: they pass on test_pi_emulated.py's int8 export as well, so one shared fixture
-    could serve both."""
-    out = tmp_path_factory.mktemp("listen_artifact") / "default-fp32"
-    r = cli("export", "default", "--quant", "fp32", "--backends", "onnx", "--context", "256", "--no-check",
-            "--no-progress", "--out", str(out), timeout=1200)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
+def artifact(embedded_int8_onnx_artifact) -> Path:
+    """The embedded model's int8 ONNX artifact (conftest, shared with the Pi tests). The listen tests check plumbing,
+    not numerics."""
+    return embedded_int8_onnx_artifact
 
 
 def _mic_home(tmp: Path, raw: Path) -> Path:

@@ -34,6 +34,7 @@ from edge_gemma.export.onnx_ops import emulate_activation_quant, matmulnbits_arr
 from edge_gemma.quantize.load import QuantizedCheckpoint  # noqa: E402
 from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel  # noqa: E402
 from edge_gemma.quantize.stream import quantize_checkpoint  # noqa: E402
+from edge_gemma.runtimes import onnx as onnx_runtime  # noqa: E402
 from edge_gemma.runtimes.base import BackendError  # noqa: E402
 from edge_gemma.runtimes.onnx import OnnxBackend  # noqa: E402
 
@@ -84,11 +85,15 @@ def _backend(artifact: Artifact) -> OnnxBackend:
 
 
 # ---------------------------------------------------------------------------------------------------------- fp32
-def test_fp32_logits_decode_rewind_and_greedy_match_eager(tiny_checkpoints, fp32_artifact):
+def test_fp32_logits_decode_rewind_and_greedy_match_eager(tiny_checkpoints, fp32_artifact, monkeypatch):
     model = load_model(tiny_checkpoints["a"], max_len=CONTEXT_FP32)
     lm = model.language_model
     ids = torch.randint(3, 500, (1, 20), generator=torch.Generator().manual_seed(0))
+    # cache arrays grow in buckets of 8 slots here (the context is 64), so chunks, decode steps and the rewind all
+    # run against caches passed with fewer slots than the context, grown mid-sequence
+    monkeypatch.setattr(onnx_runtime, "CACHE_BUCKET", 8)
     be = _backend(fp32_artifact)
+    assert be._slots == 8
     assert be.capabilities.context == CONTEXT_FP32 and be.capabilities.vision and be.capabilities.audio
     with torch.no_grad():
         emb, rows = lm.embed(ids), lm.ple_rows(ids)
@@ -111,6 +116,7 @@ def test_fp32_logits_decode_rewind_and_greedy_match_eager(tiny_checkpoints, fp32
             worst = max(worst, float(np.abs(out - ref.numpy()).max()))
     print(f"fp32 onnx vs eager: max |logit diff| {worst:.2e}")
     assert worst < 1e-4
+    assert be._slots == 24  # positions 0..21 in use: three buckets, not the whole context
 
     # 32 greedy tokens: the eager cached loop vs the backend
     want = model.generate_greedy(ids, 32, prefill_chunk=CHUNK)
@@ -211,30 +217,52 @@ def _heldout_ids() -> list[int]:
     return ids[:N_TOKENS]
 
 
+def _teacher_forced(lm, be: OnnxBackend, ids: torch.Tensor, *, shared_history: bool):
+    """Logits of every position, one token per call, from the eager model and the backend -> (ref, out) `[N, V]`.
+
+    `shared_history=True`: before each eager step the eager caches are overwritten with the backend's K/V of the
+    earlier positions, so both compute position p from the same history: a difference (an activation that lands on
+    an int8 rounding boundary in one runtime and not the other) then stays at its own position instead of being
+    carried into every later one through the caches."""
+    for cache in lm.kv_caches:
+        cache.reset()
+    be.reset()
+    with torch.no_grad():
+        emb, rows = lm.embed(ids), lm.ple_rows(ids)
+        e, r = be.embed(ids[0].numpy()), rows[0].numpy()
+        np.testing.assert_array_equal(e, emb[0].numpy())  # GatherBlockQuantized == dequantized table * sqrt(H)
+        ref, out = [], []
+        for p in range(ids.shape[1]):
+            if shared_history:
+                for (_, k, v), cache in zip(be._caches, lm.kv_caches, strict=True):
+                    cache.k_cache[:, :, :p] = torch.from_numpy(k[:, :, :p])
+                    cache.v_cache[:, :, :p] = torch.from_numpy(v[:, :, :p])
+            ref.append(lm(emb[:, p:p + 1], rows[:, p:p + 1], torch.tensor([p]), last_only=True)[0, -1].numpy())
+            out.append(be.decode(e[p:p + 1], r[p:p + 1], np.array([p])))
+    return np.stack(ref), np.stack(out)
+
+
 @pytest.mark.parametrize("recipe", ["int4", "int8"])
 def test_quantized_teacher_forced_agreement(recipe, quantized_default, request):
+    """The emulation (`emulate_activation_quant`) rounds activations exactly as MLAS does (see
+    test_matmulnbits_node_computes_the_numpy_reference), so what is left is float noise in the other operators (ORT
+    vs torch kernels, ~1 ulp) that now and then puts an activation on the other side of an int8 rounding boundary."""
     artifact = request.getfixturevalue(f"{recipe}_artifact")
     lm = _eager_quantized(quantized_default[recipe], CONTEXT_Q)
     ids = torch.tensor([_heldout_ids()])
     be = _backend(artifact)
-    with torch.no_grad():
-        emb, rows = lm.embed(ids), lm.ple_rows(ids)
-        ref = np.stack([lm(emb[:, p:p + 1], rows[:, p:p + 1], torch.tensor([p]), last_only=True)[0, -1].numpy()
-                        for p in range(N_TOKENS)])
-    e = be.embed(ids[0].numpy())
-    np.testing.assert_array_equal(e, emb[0].numpy())  # GatherBlockQuantized == dequantized table * sqrt(H)
-    r = rows[0].numpy()
-    out = np.stack([be.decode(e[p:p + 1], r[p:p + 1], np.array([p])) for p in range(N_TOKENS)])
-    diff = np.abs(out - ref).max(axis=1)
-    agree = float((out.argmax(1) == ref.argmax(1)).mean())
-    print(f"{recipe}: top-1 agreement {agree:.3f}, max |logit diff| {diff.max():.3g}, "
-          f"99th percentile {np.percentile(diff, 99):.3g}, median {np.median(diff):.2e}")
-    assert agree >= 0.98
-    # The emulation is exact up to float summation order; a rare activation that lands on a rounding boundary flips
-    # one int8 code and the difference then travels through the later positions. Bound most positions tightly and
-    # every position loosely.
-    assert np.percentile(diff, 99) <= 0.05
-    assert diff.max() <= 0.1
+    for shared in (True, False):
+        ref, out = _teacher_forced(lm, be, ids, shared_history=shared)
+        diff = np.abs(out - ref).max(axis=1)
+        agree = float((out.argmax(1) == ref.argmax(1)).mean())
+        print(f"{recipe} ({'shared' if shared else 'own'} history): top-1 agreement {agree:.3f}, max |logit diff| "
+              f"{diff.max():.3g}, 99th percentile {np.percentile(diff, 99):.3g}, median {np.median(diff):.2e}")
+        assert agree >= 0.98
+        if shared:  # the issue's bound, at every position
+            assert diff.max() <= 0.05
+        else:  # each runtime with its own caches: a flipped code at position p also moves every later position
+            assert np.percentile(diff, 99) <= 0.05
+            assert diff.max() <= 0.1
 
 
 def _initializers(path: Path):
@@ -327,11 +355,19 @@ def test_matmulnbits_node_computes_the_numpy_reference(scheme):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = rng.standard_normal((5, k)).astype(np.float32)
-    y = sess.run(None, {"x": x})[0]
+    # 4000 rows in one call (the M > 1 kernels) and 200 rows one at a time (the M = 1 kernels), each row with its own
+    # magnitude: ~10^6 activations, so an emulation that rounds differently from MLAS (e.g. `1 / (amax / 127)` for
+    # the inverse scale, an ulp off `127 / amax` in some blocks) flips a few codes and fails the bound below
+    x = (rng.standard_normal((4200, k)) * rng.uniform(0.01, 10.0, (4200, 1))).astype(np.float32)
+    y = np.concatenate([sess.run(None, {"x": x[:4000]})[0]] + [sess.run(None, {"x": x[i:i + 1]})[0]
+                                                                 for i in range(4000, 4200)])
     xq = emulate_activation_quant(torch.from_numpy(x), arr["block_size"]).numpy()
-    ref = xq.astype(np.float64) @ scheme.decode(stored, (n, k)).astype(np.float64).T
-    assert np.abs(y - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    w = scheme.decode(stored, (n, k)).astype(np.float64)
+    ref = xq.astype(np.float64) @ w.T
+    # int32 block dot products are exact; what is left is float32 scaling and accumulation across blocks, relative
+    # to the sum of |terms|. One flipped int8 code costs ~1e-5 of it here.
+    rel = np.abs(y - ref) / (np.abs(xq) @ np.abs(w).T)
+    assert rel.max() < 2e-6, rel.max()
     back = stored_from_matmulnbits(scheme, arr["b"], arr["scales"], arr["zeros"], (n, k))
     for key in stored:
         assert back[key].tobytes() == np.ascontiguousarray(stored[key]).tobytes()

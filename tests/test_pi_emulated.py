@@ -85,12 +85,8 @@ def pi():
 
 
 @pytest.fixture(scope="module")
-def int8_artifact(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pi_artifact") / "default-int8"
-    done = cli("export", "default", "--quant", "int8", "--backends", "onnx", "--context", "256", "--no-check",
-               "--no-progress", "--out", str(out), timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def int8_artifact(embedded_int8_onnx_artifact) -> Path:
+    return embedded_int8_onnx_artifact
 
 
 def _probed(cmd_result: subprocess.CompletedProcess, report: Path) -> dict:
