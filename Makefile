@@ -13,7 +13,7 @@ BACKENDS ?=
 OUT ?=
 CONTEXT ?= 4096
 
-.PHONY: setup test demo verify quantize export run bench bench-onnx clean-venv
+.PHONY: setup test demo verify quantize export run bench bench-onnx pi-install pi-emulate clean-venv
 
 setup: $(STAMP)
 
@@ -55,6 +55,25 @@ bench: setup
 # int4 ONNX export (text graphs: the audio graph's export does not finish at full size yet), timed, then RUNS x bench.
 bench-onnx: setup
 	$(PY) benchmarks/bench_onnx.py --checkpoint $(or $(CHECKPOINT),$(error pass CHECKPOINT=<checkpoint dir>)) --artifact $(or $(OUT),artifacts/$(notdir $(CHECKPOINT))-$(QUANT)) --quant $(QUANT) --context $(CONTEXT) --threads 2 --prompt-tokens 512 --new-tokens 128 --runs $(or $(RUNS),3) --no-check --text-only $(BENCH_ARGS)
+
+# make pi-install [PI_EXTRAS=onnx,listen|litert,listen]: on a Raspberry Pi 5 (Raspberry Pi OS Bookworm 64-bit, Python
+# 3.11). Installs the runtime only (numpy, tokenizers, one backend; no torch) into .venv-pi.
+PI_VENV ?= .venv-pi
+PI_EXTRAS ?= onnx,listen
+pi-install:
+	@dpkg-query -W libportaudio2 espeak-ng >/dev/null 2>&1 || echo "note: for listen/--speak: sudo apt-get install python3-venv libportaudio2 espeak-ng"
+	python3 -m venv $(PI_VENV)
+	$(PI_VENV)/bin/pip install -q --upgrade pip
+	$(PI_VENV)/bin/pip install -q ".[$(PI_EXTRAS)]"
+	@$(PI_VENV)/bin/python -c "import sys, edge_gemma.cli, edge_gemma.commands.run; assert 'torch' not in sys.modules"
+	@echo "installed in $(PI_VENV). Copy an artifact exported on a PC, then:"
+	@echo "  $(PI_VENV)/bin/edge-gemma run ARTIFACT --prompt 'Hello' --threads 4 --stats"
+	@echo "  $(PI_VENV)/bin/edge-gemma listen ARTIFACT"
+
+# The same install in an emulated Pi 5 (bookworm arm64 under qemu-aarch64-static), cached in .cache/pi5-rootfs.
+# Then: .venv/bin/python scripts/pi_emulation.py run -- edge-gemma run ARTIFACT --prompt Hi
+pi-emulate: setup
+	$(PY) scripts/pi_emulation.py prepare
 
 clean-venv:
 	rm -rf $(VENV)
