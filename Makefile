@@ -13,7 +13,7 @@ BACKENDS ?=
 OUT ?=
 CONTEXT ?= 4096
 
-.PHONY: setup test demo verify quantize export run bench bench-onnx pi-install pi-emulate clean-venv
+.PHONY: setup test demo verify quantize export run bench bench-onnx pi-install pi-emulate android-bundle clean-venv
 
 setup: $(STAMP)
 
@@ -74,6 +74,11 @@ pi-install:
 # Then: .venv/bin/python scripts/pi_emulation.py run -- edge-gemma run ARTIFACT --prompt Hi
 pi-emulate: setup
 	$(PY) scripts/pi_emulation.py prepare
+
+# make android-bundle ARTIFACT=artifacts/<name> [DEVICE=1] [NAME=...]: the artifact (exported with the litert backend)
+# into android_demo/app/src/main/assets; DEVICE=1 leaves the .litertlm out of the APK and prints the adb push command.
+android-bundle: setup
+	$(PY) scripts/android_bundle.py $(ARTIFACT) $(if $(DEVICE),--device) $(if $(NAME),--name $(NAME))
 
 clean-venv:
 	rm -rf $(VENV)

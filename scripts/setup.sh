@@ -12,6 +12,8 @@ missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
+# npm fetches the Kotlin compiler for the Android core's tests (NodeSource's nodejs ships its own npm).
+command -v npm >/dev/null 2>&1 || missing="$missing npm"
 if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; elif command -v sudo >/dev/null; then apt_get="sudo apt-get"; else
         echo "setup: missing Debian packages:$missing (run as root, or install them: apt-get install$missing)" >&2; exit 1
@@ -26,3 +28,5 @@ fi
 "$venv/bin/pip" install -q --upgrade pip >/dev/null
 "$venv/bin/pip" install -q torch==2.13.0
 "$venv/bin/pip" install -q -e '.[dev]'
+# The Kotlin compiler (npm package kotlin-compiler) for android_demo/core's JUnit tests, into .cache/kotlinc.
+bash "$(dirname "$0")/../android_demo/tools/install-kotlinc.sh" >/dev/null

@@ -1,0 +1,6 @@
+// Plugins are declared here (not applied) so that both modules resolve the same pinned versions.
+plugins {
+    alias(libs.plugins.android.application) apply false
+    alias(libs.plugins.kotlin.android) apply false
+    alias(libs.plugins.kotlin.jvm) apply false
+}
