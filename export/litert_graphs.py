@@ -18,7 +18,23 @@ very same models, so one export serves both.
 * `LitertPerLayerEmbedder`, one signature `per_layer_embedder`:
   `token_ids [1,1] int32 -> embeddings [1,1,L,P]` = PLE rows * sqrt(P). Its own model, so LiteRT-LM memory-maps it.
 * `LitertVision` (`vision_encoder`) and `LitertAudio` (`audio_encoder`): our towers + projections at static shapes,
-  for OUR runtime (LiteRT-LM's own vision/audio I/O is not implemented).
+  for OUR runtime.
+* `LmVisionEncoder` / `LmVisionAdapter` and `LmAudioEncoder` / `LmAudioAdapter`: the same towers split the way
+  LiteRT-LM's multimodal executors call them (the VISION_ENCODER, VISION_ADAPTER, AUDIO_ENCODER_HW and AUDIO_ADAPTER
+  sections of the .litertlm). The contract, from LiteRT-LM's source (runtime/executor/
+  vision_litert_compiled_model_executor.cc, vision/vision_executor_utils.cc, audio_litert_compiled_model_executor.cc):
+  - vision encoder, one signature: input 0 `images [1,Np,3p^2]` float in [0,1] (LiteRT-LM resizes, rescales by 1/255
+    and patchifies in (row, col, channel) order itself, like the reference processor), `positions_xy [1,Np,2]` int32
+    (x, y; LiteRT-LM fills unused rows with -1 and zero pixels); outputs `features [1,Np/k^2,Hv]` (pooled, valid cells
+    first) and `mask [1,Np/k^2]` bool (LiteRT-LM counts the true entries to know how many tokens are real).
+    LiteRT-LM derives tokens-per-image from the adapter's output and the shrink factor Np/tokens from input 0.
+  - vision adapter, one input `features [1,Np/k^2,Hv]` -> one output `embeddings [1,Np/k^2,H]` (`embed_vision`);
+    LiteRT-LM feeds it the first N valid rows and keeps the first N outputs.
+  - audio encoder, one signature: `src_inputs [1,T,128]` log-mel and `mask [1,T]` bool -> exactly two outputs
+    `features [1,T/4,Da]` and `mask [1,T/4]` bool (LiteRT-LM keeps up to the last true entry). T must be a multiple
+    of the output length (LiteRT-LM checks `T % T_out == 0` and chunks longer audio into T-frame pieces).
+  - audio adapter, one signature, exactly two inputs in the order (`mask`, `features`): LiteRT-LM binds the encoder's
+    mask and features buffers to adapter inputs 0 and 1 by position; one output `embeddings [1,T/4,H]`.
 """
 
 from __future__ import annotations
@@ -29,8 +45,8 @@ from torch import nn
 
 from edge_gemma.model.text import TextDecoder, apply_rope, rope_cos_sin
 
-__all__ = ["LitertAudio", "LitertDecoder", "LitertEmbedder", "LitertPerLayerEmbedder", "LitertVision", "MASK_MIN",
-           "cache_input_names"]
+__all__ = ["LitertAudio", "LitertDecoder", "LitertEmbedder", "LitertPerLayerEmbedder", "LitertVision", "LmAudioAdapter",
+           "LmAudioEncoder", "LmVisionAdapter", "LmVisionEncoder", "MASK_MIN", "cache_input_names"]
 
 # The hidden value LiteRT-LM's CPU executor writes into float masks (-0.7 * float32 max); finite on purpose.
 MASK_MIN = -0.7 * torch.finfo(torch.float32).max
@@ -176,3 +192,53 @@ class LitertAudio(nn.Module):
     def forward(self, features, mask):
         hidden, valid = self.tower(features.unsqueeze(0), (mask != 0).unsqueeze(0))
         return {"soft_tokens": self.embed(hidden)[0], "valid": valid[0].to(torch.int32)}
+
+
+class LmVisionEncoder(nn.Module):
+    """LiteRT-LM's VISION_ENCODER: `(images [1,Np,3p^2], positions_xy [1,Np,2] int32) -> features, mask`."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, images, positions_xy):
+        soft, valid = self.tower(images, positions_xy.to(torch.int64))  # (1, Np/k^2, Hv), (1, Np/k^2)
+        return {"features": soft, "mask": valid}
+
+
+class LmVisionAdapter(nn.Module):
+    """LiteRT-LM's VISION_ADAPTER: `features [1,N,Hv] -> embeddings [1,N,H]` (`embed_vision`: norm + projection)."""
+
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, features):
+        return {"embeddings": self.embed(features)}
+
+
+class LmAudioEncoder(nn.Module):
+    """LiteRT-LM's AUDIO_ENCODER_HW: `(src_inputs [1,T,128] log-mel, mask [1,T] bool) -> features, mask`."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, src_inputs, mask):
+        hidden, valid = self.tower(src_inputs, mask)  # (1, T/4, Da), (1, T/4)
+        return {"features": hidden, "mask": valid}
+
+
+class LmAudioAdapter(nn.Module):
+    """LiteRT-LM's AUDIO_ADAPTER: `(mask [1,N] bool, features [1,N,Da]) -> embeddings [1,N,H]` (`embed_audio`).
+
+    The mask zeroes the invalid rows (LiteRT-LM drops them anyway); it is used so that the converter keeps it as the
+    adapter's first input, where LiteRT-LM binds the encoder's mask by position."""
+
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, mask, features):
+        out = self.embed(features)  # (1, N, H)
+        return {"embeddings": out * mask.unsqueeze(-1).to(out.dtype)}

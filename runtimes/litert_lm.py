@@ -4,12 +4,18 @@ LiteRT-LM owns the whole pipeline (tokenizer, chat template, embedding lookups, 
 serve our engine's `Backend` contract (which hands the backend embeddings and PLE rows): `open_backend` says so, and
 `edge-gemma run --backend litert-lm` drives `LitertLmEngine` directly. It is the proof that an edge-gemma artifact
 runs unchanged where Android apps run Gemma 4. No torch.
+
+Images and audio: when the bundle carries LiteRT-LM's encoder sections (see export/litert_bundle.py), the engine is
+opened with CPU vision/audio backends and `chat` accepts content parts in our chat format (`{"type": "image", "path":
+...}`, `{"type": "audio", "path": ...}`, `{"type": "text", "text": ...}`); LiteRT-LM decodes, resizes, patchifies the
+image and computes the audio log-mel itself.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from edge_gemma.artifact import Artifact, ArtifactError
@@ -46,8 +52,14 @@ class LitertLmEngine:
         self.path = artifact.path(rel)
         self.context = int(entry.get("context", 0)) or None
         self._lm = lm
+        sections = set((entry.get("litertlm") or {}).get("sections") or ())
+        self.vision = "vision_encoder" in sections
+        self.audio = "audio_encoder" in sections
+        n = int(threads or 2)
         try:
-            self.engine = lm.Engine(str(self.path), lm.Backend.CPU(thread_count=int(threads or 2)))
+            self.engine = lm.Engine(str(self.path), lm.Backend.CPU(thread_count=n),
+                                    vision_backend=lm.Backend.CPU() if self.vision else None,
+                                    audio_backend=lm.Backend.CPU(thread_count=n) if self.audio else None)
         except RuntimeError as exc:
             raise BackendError(f"{self.path}: LiteRT-LM refused the bundle ({exc}); its log above says why") from None
 
@@ -75,14 +87,40 @@ class LitertLmEngine:
             session.close()
         return texts[0] if texts else ""
 
-    def chat(self, prompt: str, *, system: str | None = None, max_new_tokens: int = 256, greedy: bool = False,
-             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None) -> Iterator[str]:
-        """The answer to one user message, streamed, formatted by the bundle's chat template."""
+    def _content(self, prompt: str | Sequence[Mapping[str, Any]]) -> str | dict[str, Any]:
+        """A user message for LiteRT-LM: a plain string, or our content parts with media paths made absolute."""
+        if isinstance(prompt, str):
+            return prompt
+        parts = []
+        for i, item in enumerate(prompt):
+            kind = item.get("type")
+            if kind == "text":
+                parts.append({"type": "text", "text": str(item.get("text", ""))})
+            elif kind in ("image", "audio"):
+                if kind == "image" and not self.vision or kind == "audio" and not self.audio:
+                    raise BackendError(f"{self.path}: content[{i}] is {kind}, but this .litertlm has no {kind} "
+                                       "encoder sections (re-export it with this version of edge-gemma)")
+                src = item.get("path") or item.get(kind)
+                if not isinstance(src, (str, Path)) or not Path(src).is_file():
+                    raise ValueError(f"content[{i}] ({kind}): LiteRT-LM reads media from a file path; got {src!r}")
+                parts.append({"type": kind, "path": str(Path(src).resolve())})
+            else:
+                raise ValueError(f"content[{i}]: type {kind!r}; expected 'text', 'image' or 'audio'")
+        return {"role": "user", "content": parts}
+
+    def chat(self, prompt: str | Sequence[Mapping[str, Any]], *, system: str | None = None,
+             max_new_tokens: int = 256, greedy: bool = False, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             chat_template: str | None = None) -> Iterator[str]:
+        """The answer to one user message (text, or content parts with images/audio), streamed, formatted by the
+        bundle's chat template (or `chat_template`, a Jinja string, instead)."""
+        request = self._content(prompt)
+        kwargs = {"chat_template": chat_template} if chat_template else {}
         conv = self.engine.create_conversation(system_message=system, max_output_tokens=max_new_tokens,
-                                               sampler_config=self._sampler(greedy, temperature, top_k, top_p, seed))
+                                               sampler_config=self._sampler(greedy, temperature, top_k, top_p, seed),
+                                               **kwargs)
         try:
-            for message in conv.send_message_async(prompt):
+            for message in conv.send_message_async(request):
                 for part in message.get("content", []) if isinstance(message, dict) else []:
                     if part.get("type") == "text":
                         yield part.get("text", "")
@@ -110,5 +148,5 @@ def open_backend(artifact: Artifact, *, threads: int | None = None):
     _litert_lm()
     raise BackendError(
         f"{artifact.root}: litert-lm runs the whole .litertlm bundle itself (tokenizer, template, cache, sampling) "
-        "and cannot serve edge-gemma's engine; use `edge-gemma run ARTIFACT --backend litert-lm` (text only) or "
+        "and cannot serve edge-gemma's engine; use `edge-gemma run ARTIFACT --backend litert-lm` or "
         "edge_gemma.runtimes.litert_lm.open_engine(artifact)")
