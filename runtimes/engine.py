@@ -156,6 +156,8 @@ class Generation:
         return self
 
     def __next__(self) -> str:
+        if self.completion is not None:  # finished: an exhausted generator would answer None a second time
+            raise StopIteration
         try:
             return next(self._gen)
         except StopIteration as stop:

@@ -277,3 +277,14 @@ def test_runtime_modules_do_not_import_torch():
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_result_after_streaming_returns_the_same_completion():
+    with api.open_checkpoint("default", context=64) as m:
+        gen = m.engine.generate([{"role": "user", "content": "Hi"}], options=GenerationOptions(max_new_tokens=4))
+        pieces = list(gen)
+        first = gen.completion
+        assert first is not None
+        assert gen.result() is first  # iterating an exhausted generation must not lose the completion
+        assert list(gen) == []
+        assert "".join(pieces) == first.text

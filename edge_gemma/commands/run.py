@@ -32,14 +32,15 @@ def user_content(prompt: str, images: list[str], audios: list[str]):
 
 
 def _run_litert_lm(args: argparse.Namespace) -> int:
-    """`--backend litert-lm`: the artifact's .litertlm in Google's LiteRT-LM engine (text only, its own template)."""
+    """`--backend litert-lm`: the artifact's .litertlm in Google's LiteRT-LM engine (its own template, tokenizer,
+    image resizing and log-mel); images and audio go in as content parts when the bundle has their sections."""
     from edge_gemma.artifact import Artifact
     from edge_gemma.runtimes.litert_lm import open_engine
 
-    if args.image or args.audio or args.tools:
-        raise ValueError("--backend litert-lm runs text prompts only here (no --image/--audio/--tools)")
+    if args.tools:
+        raise ValueError("--backend litert-lm: --tools is not passed to LiteRT-LM here; use --backend onnx or litert")
     with open_engine(Artifact(args.artifact), threads=args.threads) as engine:
-        for piece in engine.chat(args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+        for piece in engine.chat(user_content(args.prompt, args.image, args.audio), system=args.system, max_new_tokens=args.max_new_tokens,
                                  greedy=args.temperature == 0, temperature=args.temperature or None,
                                  top_k=args.top_k or None, top_p=args.top_p, seed=args.seed):
             sys.stdout.write(piece)
