@@ -8,9 +8,13 @@ Files (all under the artifact's `litert/` folder):
   single signature LiteRT-LM's embedding lookup accepts. Our runtime gathers PLE rows from `ple.bin` instead.
 * `model.litertlm`: the three models + tokenizer + Gemma 4 metadata (`export/litert_bundle.py`), for LiteRT-LM.
 
-Quantized checkpoints: the models are converted with our dequantized weights and re-quantized by ai-edge-quantizer
-(dynamic range; linears as the recipe's default scheme, the embedding tables and the tied head int8 channelwise), and
-`export/litert_quant.check_integers` compares the stored integers with ours (reported in the manifest entry).
+Quantized checkpoints (`export/litert_quant.py`): the decoder and the two embedders are converted from a model whose
+quantized weights are PLACEHOLDERS (one random tensor per projection kind and shape, shared by the layers; the tied
+head and the embedding tables at HEAD_ROWS rows), quantized by ai-edge-quantizer in the recipe's layout (linears int4
+blockwise / int8 channelwise, tables and head int8 channelwise, dynamic int8 activations); then every placeholder is
+replaced by OUR codes and scales, tensor by tensor from the quantized checkpoint. The integers LiteRT stores are ours
+bit for bit; `check_integers` reads them back (manifest `quantization.integer_check`). The vision/audio towers are
+converted from their dequantized weights and re-quantized int8 channelwise by ai-edge-quantizer (not our integers).
 
 * `vision.tflite` (`vision_encoder`, our runtime only): the vision tower + projection at a static 280 * k^2 patches
   (the processor pads every image to its budget with position -1, which the encoder masks).
@@ -18,10 +22,14 @@ Quantized checkpoints: the models are converted with our dequantized weights and
 * `audio.tflite` (`audio_encoder`, our runtime only): the audio tower + projection at a static 30 s of frames
   (padding frames masked; the valid outputs do not depend on them).
 
-Not yet exported: the vision/audio sections of the .litertlm (LiteRT-LM's own encoder I/O differs from ours).
-Memory: the float decoder is built whole (dequantized), as litert-torch needs a float module; a full-size E2B needs
-the float decoder (~1.8 GB without tables) plus the float embedding table and PLE table for the two embedders
-(PLE: 9.4 GB float32) -- not yet piecewise, not measured at full size.
+The .litertlm also carries LiteRT-LM's own split encoder/adapter models for vision and audio (float32, built by
+`export/litert_bundle.convert_lm_towers`; I/O contract in `export/litert_graphs.py`).
+Memory (quantized export): no float copy of a quantized decoder/table tensor ever exists. The float graph holds one
+placeholder per projection kind and shape (E2B: ~0.12 G values) and the real float norms; the logits head is converted
+at HEAD_ROWS rows and widened to the vocabulary in the flatbuffer (`_widen_head`); the embedders are converted at
+HEAD_ROWS rows and get their full int8 tables straight from the checkpoint (the 2.35 GB E2B PLE table is read once, as
+int8). The towers are the only float weights materialised. Float (fp32 recipe) exports build the float model whole:
+small models only.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -78,22 +87,179 @@ def _float_embedding(table: torch.nn.Embedding) -> torch.nn.Embedding:
     return torch.nn.Embedding.from_pretrained(table.weight.detach().to(torch.float32), freeze=True)
 
 
-def _our_integers(job) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """{hf name: dequantized / codes / largest level / group} of every quantized 2-D tensor, and {name: label}."""
+HEAD_ROWS = 997  # rows of the logits head / tables while converting (a prime no other dimension equals)
+
+
+def _ckpt_name(cfg, path: str) -> str:
+    """Our parameter path (`language_model.layers.0.mlp.up_proj.weight`) -> the checkpoint's tensor name."""
+    from edge_gemma.checkpoint import LAYOUTS
+
+    for ours, theirs in LAYOUTS[cfg.model_type]:
+        if path.startswith(ours):
+            return theirs + path[len(ours):]
+    raise LitertExportError(f"no checkpoint name for parameter {path!r} (model_type {cfg.model_type})")
+
+
+def _our_loader(q):
+    """name -> OurWeight (codes and scales exactly as the quantized checkpoint stores them)."""
     from edge_gemma.quantize.schemes import Int4Group, Int8PerChannel
 
-    ours, labels = {}, {}
+    from .litert_quant import OurWeight
+
+    def load(name: str) -> OurWeight:
+        scheme = q.schemes.get(name)
+        if not isinstance(scheme, (Int4Group, Int8PerChannel)) or type(scheme).__name__ == "Int4GroupAsym":
+            raise LitertExportError(f"{q.path}: tensor {name!r} is {getattr(scheme, 'label', 'float')}; LiteRT takes "
+                                    "int8 per-channel or symmetric int4 group tensors")
+        u = scheme.unpack(q.stored(name), tuple(q.entry(name)["shape"]))
+        return OurWeight(name=name, codes=u["q"], scales=u["scales"], bits=scheme.bits,
+                         group=getattr(scheme, "group_size", None))
+
+    return load
+
+
+def _nothing(shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of `shape` that allocates nothing (never converted, never read)."""
+    return torch.zeros(1, dtype=torch.float32).expand(*shape) if shape else torch.zeros((), dtype=torch.float32)
+
+
+def _placeholder_model(job, q, *, real: set[str] | None):
+    """Our Gemma4Model on the meta device, with: the quantized TEXT linears (and the tied head) as placeholders
+    shared per (projection kind, shape); the float text tensors real; everything else (PLE table, towers) an
+    expanded zero that allocates nothing and is never converted. `real`: checkpoint names to load dequantized
+    instead (the towers), in which case nothing is a placeholder.
+
+    Returns (model, [Placeholder]). A placeholder per KIND (not only per shape) keeps the converter from merging
+    two projections of the same input (k/v, gate/up) as one common subexpression."""
+    from edge_gemma.checkpoint import params_on_meta
+    from edge_gemma.model.gemma4 import Gemma4Model
+
+    from .litert_quant import Placeholder
+
+    cfg = job.config
+    with params_on_meta():
+        model = Gemma4Model(cfg, max_len=job.context)
+    rng = np.random.default_rng(0)
+    groups: dict[tuple, dict] = {}
+    state: dict[str, torch.Tensor] = {}
+    for path, target in model.state_dict().items():
+        name = _ckpt_name(cfg, path)
+        shape = tuple(target.shape)
+        quantized = q.schemes.get(name) is not None
+        if real is not None:
+            if name in real:
+                state[path] = torch.from_numpy(np.ascontiguousarray(q.dequantized(name), dtype=np.float32))
+            else:
+                state[path] = _nothing(shape)
+            continue
+        if path.startswith("language_model.") and path.endswith("embed_tokens.weight"):
+            shape, kind = (HEAD_ROWS, shape[1]), "head"
+        elif not path.startswith("language_model.") or "embed_tokens_per_layer" in path:
+            state[path] = _nothing(shape)
+            continue
+        elif quantized:
+            kind = path.split(".")[-2]
+        else:
+            state[path] = torch.from_numpy(np.ascontiguousarray(q.dequantized(name), dtype=np.float32))
+            continue
+        g = groups.setdefault((kind, shape), {"names": []})
+        if "tensor" not in g:  # away from zero, so a folded constant factor is recoverable
+            v = rng.uniform(1.0, 2.0, size=shape).astype(np.float32) * rng.choice([-1.0, 1.0], size=shape)
+            g["tensor"] = torch.from_numpy(v.astype(np.float32))
+        g["names"].append(name)
+        state[path] = g["tensor"] if kind != "head" else _nothing(tuple(target.shape))
+    model.load_state_dict(state, strict=True, assign=True)
+    head = next((g["tensor"] for (kind, _), g in groups.items() if kind == "head"), None)
+    if head is not None:  # the tied head at HEAD_ROWS rows (widened in the flatbuffer afterwards)
+        model.language_model.embed_tokens = torch.nn.Embedding.from_pretrained(head, freeze=True)
+    model.eval().requires_grad_(False)
+    return model, [Placeholder(values=g["tensor"].numpy(), names=tuple(g["names"])) for g in groups.values()]
+
+
+def _table_template(job, q, work: Path, role: str, path: str, build) -> tuple[Path, Path, Any]:
+    """Convert + quantize an embedder over a HEAD_ROWS-row placeholder table standing for our `path` table."""
+    from .litert_quant import Placeholder, quantize_tflite
+
+    name = _ckpt_name(job.config, path)
+    cols = int(q.entry(name)["shape"][1])
+    rng = np.random.default_rng(1)
+    vals = (rng.uniform(1.0, 2.0, size=(HEAD_ROWS, cols)) * rng.choice([-1.0, 1.0], size=(HEAD_ROWS, cols)))
+    vals = vals.astype(np.float32)
+    table = torch.nn.Embedding.from_pretrained(torch.from_numpy(vals), freeze=True)
+    fl, tq = work / f"{role}_float.tflite", work / f"{role}_template.tflite"
+    _convert([(role, build(table), {"token_ids": torch.zeros(1, 1, dtype=torch.int32)})], fl)
+    quantize_tflite(fl, tq, bits=8, block=None)
+    return fl, tq, Placeholder(values=vals, names=(name,))
+
+
+def _export_quantized_text(job, work: Path, out: Path, *, N: int, sample) -> dict[str, Any]:
+    """decoder.tflite, embedder.tflite, per_layer_embedder.tflite with our integers (see the module docstring)."""
+    from edge_gemma.quantize.schemes import Int8PerChannel
+
+    from .litert_graphs import LitertDecoder, LitertEmbedder, LitertPerLayerEmbedder
+    from .litert_quant import assign_uses, check_integers, quantize_tflite, widen_rows, write_with_our_weights
+
+    cfg, t = job.config, job.config.text
+    T, V, H, L, P = job.context, t.vocab_size, t.hidden_size, t.num_hidden_layers, t.hidden_size_per_layer_input
+    bits, block = _linear_scheme(job)
     with job.quantized_checkpoint() as q:
-        for name, scheme in q.schemes.items():
-            if scheme is None or not isinstance(scheme, (Int4Group, Int8PerChannel)) or "_tower" in name \
-                    or "embed_vision" in name or "embed_audio" in name:
-                continue
-            shape = tuple(q.entry(name)["shape"])
-            codes = scheme.unpack(q.stored(name), shape)["q"]
-            ours[name] = {"dequantized": q.dequantized(name), "q": codes, "qmax": 127 if scheme.bits == 8 else 7,
-                          "group": getattr(scheme, "group_size", None)}
-            labels[name] = scheme.label
-    return ours, labels
+        load = _our_loader(q)
+        for path in ("language_model.embed_tokens.weight", "language_model.embed_tokens_per_layer.weight"):
+            sch = q.schemes.get(_ckpt_name(cfg, path))
+            if not isinstance(sch, Int8PerChannel):
+                raise LitertExportError(f"{job.checkpoint}: {_ckpt_name(cfg, path)} is "
+                                        f"{getattr(sch, 'label', 'float')}; the LiteRT exporter needs the embedding "
+                                        "tables int8 per channel (LiteRT's EMBEDDING_LOOKUP has no int4 blocks)")
+        model, placeholders = _placeholder_model(job, q, real=None)
+        dec = model.language_model
+        dec.embed_tokens_per_layer = torch.nn.Embedding(1, 1)  # never read by the decoder; keep it out of the graph
+        log.info("litert: decoder graph (prefill_%d, decode; context %d; placeholder weights)", N, T)
+        _convert([(f"prefill_{N}", LitertDecoder(dec, T, logits=False), sample(N)),
+                  ("decode", LitertDecoder(dec, T, logits=True), sample(1))], work / "decoder_float.tflite")
+        del model, dec
+        log.info("litert: decoder template (linears int%d %s, head int8 channelwise)", bits,
+                 f"block {block}" if block else "channelwise")
+        quantize_tflite(work / "decoder_float.tflite", work / "decoder_q.tflite", bits=bits, block=block,
+                        lm_head_rows=HEAD_ROWS)
+        uses = assign_uses(work / "decoder_float.tflite", work / "decoder_q.tflite", placeholders)
+        del placeholders
+        widen_rows(work / "decoder_q.tflite", work / "decoder_template.tflite", rows=HEAD_ROWS, full=V,
+                   subgraph="decode")
+        log.info("litert: writing our integers into decoder.tflite (%d tensors)", len({u.name for u in uses}))
+        write_with_our_weights(work / "decoder_template.tflite", out / "decoder.tflite", uses, load)
+        all_uses = {"decoder": uses}
+        for role, path, build in (
+                ("embedder", "language_model.embed_tokens.weight", lambda tb: LitertEmbedder(tb, H)),
+                ("per_layer_embedder", "language_model.embed_tokens_per_layer.weight",
+                 lambda tb: LitertPerLayerEmbedder(tb, L, P))):
+            log.info("litert: %s (int8 table from the checkpoint)", role)
+            fl, tq, ph = _table_template(job, q, work, role, path, build)
+            u = assign_uses(fl, tq, [ph])
+            if len(u) != 1:
+                raise LitertExportError(f"{role}: expected one table lookup in the converted graph, found {len(u)}")
+            write_with_our_weights(tq, out / f"{role}.tflite", u, load)
+            all_uses[role] = u
+        report = {"tensors": {}, "differ": [], "unchecked": []}
+        expected = set()
+        for role, u in all_uses.items():
+            names = sorted({x.name for x in u})
+            expected |= set(names)
+            r = check_integers(out / f"{role}.tflite", load, names, {x.name: x.factor for x in u})
+            report["tensors"].update(r["tensors"])
+            report["differ"] += r["differ"]
+            report["unchecked"] += r["unchecked"]
+        text_quantized = {n for n, sch in q.schemes.items() if sch is not None and not any(
+            k in n for k in ("_tower.", "embed_vision.", "embed_audio."))}
+        report["not_in_graph"] = sorted(text_quantized - expected)
+        labels = {n: q.schemes[n].label for n in expected}
+    return {"weights": f"int{bits}" + (f" block {block}" if block else " channelwise") +
+            "; embedding tables and tied head int8 channelwise (our integers and scales)",
+            "activations": "dynamic int8 (LiteRT dynamic range)", "tensors": labels, "integer_check": report}
+
+
+def _tower_names(job) -> list[str]:
+    with job.quantized_checkpoint() as q:
+        return [n for n in q.names() if any(k in n for k in ("_tower.", "embed_vision.", "embed_audio."))]
 
 
 def _linear_scheme(job):
@@ -122,38 +288,46 @@ def export_backend(job) -> dict[str, Any]:
     T = job.context
     N = max(1, min(job.max_prefill_chunk, T))
     out = job.out_dir
+    H, L, P, V = t.hidden_size, t.num_hidden_layers, t.hidden_size_per_layer_input, t.vocab_size
+    if t.vocab_size_per_layer_input != V:
+        raise LitertExportError(f"vocab_size_per_layer_input {t.vocab_size_per_layer_input} != vocab_size {V}: "
+                                "LiteRT-LM looks both tables up with the same token id")
+    n_cache = t.first_shared_layer
+    cache_shapes = {}
+    for i in range(n_cache):
+        hd = t.head_dim_for(i)
+        cache_shapes[f"kv_cache_k_{i}"] = [1, t.num_key_value_heads, T, hd]
+        cache_shapes[f"kv_cache_v_{i}"] = [1, t.num_key_value_heads, hd, T]
+
+    def sample(S: int) -> dict[str, torch.Tensor]:
+        return {"embeddings": torch.zeros(1, S, H), "per_layer_embeddings": torch.zeros(1, S, L, P),
+                "input_pos": torch.arange(S, dtype=torch.int32), "mask": torch.zeros(1, 1, S, T),
+                **{n: torch.zeros(s) for n, s in cache_shapes.items()}}
+
     work = Path(tempfile.mkdtemp(prefix="_litert_", dir=job.artifact_root))
     try:
-        model = job.load_model()
-        dec = model.language_model
-        dec.embed_tokens = _float_embedding(dec.embed_tokens)
-        dec.embed_tokens_per_layer = _float_embedding(dec.embed_tokens_per_layer)
-        H, L, P, V = t.hidden_size, t.num_hidden_layers, t.hidden_size_per_layer_input, t.vocab_size
-        if t.vocab_size_per_layer_input != V:
-            raise LitertExportError(f"vocab_size_per_layer_input {t.vocab_size_per_layer_input} != vocab_size {V}: "
-                                    "LiteRT-LM looks both tables up with the same token id")
-
-        n_cache = t.first_shared_layer
-        cache_shapes = {}
-        for i in range(n_cache):
-            hd = t.head_dim_for(i)
-            cache_shapes[f"kv_cache_k_{i}"] = [1, t.num_key_value_heads, T, hd]
-            cache_shapes[f"kv_cache_v_{i}"] = [1, t.num_key_value_heads, hd, T]
-
-        def sample(S: int) -> dict[str, torch.Tensor]:
-            return {"embeddings": torch.zeros(1, S, H), "per_layer_embeddings": torch.zeros(1, S, L, P),
-                    "input_pos": torch.arange(S, dtype=torch.int32), "mask": torch.zeros(1, 1, S, T),
-                    **{n: torch.zeros(s) for n, s in cache_shapes.items()}}
-
+        quant: dict[str, Any] = {"weights": "float32", "activations": "float32"}
+        if job.quantized:
+            quant = _export_quantized_text(job, work, out, N=N, sample=sample)
+            towers = {n for n in _tower_names(job)}
+            with job.quantized_checkpoint() as q:  # the towers only, dequantized; the text stays unmaterialised
+                model = _placeholder_model(job, q, real=towers)[0] if towers else None
+        else:
+            model = job.load_model()
+            dec = model.language_model
+            dec.embed_tokens = _float_embedding(dec.embed_tokens)
+            dec.embed_tokens_per_layer = _float_embedding(dec.embed_tokens_per_layer)
+            ple_table, dec.embed_tokens_per_layer = dec.embed_tokens_per_layer, torch.nn.Embedding(1, 1)
+            log.info("litert: decoder (prefill_%d, decode; context %d)", N, T)
+            _convert([(f"prefill_{N}", LitertDecoder(dec, T, logits=False), sample(N)),
+                      ("decode", LitertDecoder(dec, T, logits=True), sample(1))], out / "decoder.tflite")
+            one = {"token_ids": torch.zeros(1, 1, dtype=torch.int32)}
+            log.info("litert: embedders")
+            _convert([("embedder", LitertEmbedder(dec.embed_tokens, H), one)], out / "embedder.tflite")
+            _convert([("per_layer_embedder", LitertPerLayerEmbedder(ple_table, L, P), one)],
+                     out / "per_layer_embedder.tflite")
+            del dec, ple_table
         stage = work if job.quantized else out
-        log.info("litert: decoder (prefill_%d, decode; context %d)", N, T)
-        _convert([(f"prefill_{N}", LitertDecoder(dec, T, logits=False), sample(N)),
-                  ("decode", LitertDecoder(dec, T, logits=True), sample(1))], stage / "decoder.tflite")
-        one = {"token_ids": torch.zeros(1, 1, dtype=torch.int32)}
-        log.info("litert: embedders")
-        _convert([("embedder", LitertEmbedder(dec.embed_tokens, H), one)], stage / "embedder.tflite")
-        _convert([("per_layer_embedder", LitertPerLayerEmbedder(dec.embed_tokens_per_layer, L, P), one)],
-                 stage / "per_layer_embedder.tflite")
         vision_patches = None
         if cfg.vision is not None:
             from .litert_graphs import LitertVision
@@ -176,30 +350,17 @@ def export_backend(job) -> dict[str, Any]:
             sample_a = {"features": torch.randn(audio_frames, 128), "mask": torch.ones(audio_frames, dtype=torch.int32)}
             _convert([("audio_encoder", LitertAudio(model.audio_tower, model.embed_audio), sample_a)],
                      stage / "audio.tflite")
-        del model, dec
+        from .litert_bundle import convert_lm_towers  # LiteRT-LM's encoder/adapter sections (float32, bundle only)
 
-        quant: dict[str, Any] = {"weights": "float32", "activations": "float32"}
+        lm_towers = convert_lm_towers(model, cfg, work, _convert, vision_patches=vision_patches,
+                                      audio_frames=audio_frames) if model is not None else {}
+        del model
         if job.quantized:
-            from .litert_quant import check_integers, quantize_tflite
+            from .litert_quant import quantize_tflite
 
-            bits, block = _linear_scheme(job)
-            log.info("litert: quantizing (linears int%d %s, tables and head int8 channelwise)", bits,
-                     f"block {block}" if block else "channelwise")
-            quantize_tflite(work / "decoder.tflite", out / "decoder.tflite", bits=bits, block=block, lm_head_rows=V)
-            for name in ("embedder", "per_layer_embedder") + (("vision",) if vision_patches else ()) \
-                    + (("audio",) if audio_frames else ()):
+            for name in (("vision",) if vision_patches else ()) + (("audio",) if audio_frames else ()):
+                log.info("litert: quantizing %s int8 channelwise (ai-edge-quantizer)", name)
                 quantize_tflite(work / f"{name}.tflite", out / f"{name}.tflite", bits=8, block=None)
-            ours, labels = _our_integers(job)
-            report = {"tensors": {}, "differ": [], "unchecked": []}
-            for name in ("decoder", "embedder", "per_layer_embedder"):
-                r = check_integers(work / f"{name}.tflite", out / f"{name}.tflite", ours)
-                report["tensors"].update(r["tensors"])
-                report["differ"] += r["differ"]
-            report["unchecked"] = sorted(set(ours) - set(report["tensors"]))
-            quant = {"weights": f"int{bits}" + (f" block {block}" if block else " channelwise") +
-                     "; embedding tables and tied head int8 channelwise",
-                     "activations": "dynamic int8 (ai-edge-quantizer dynamic range)", "tensors": labels,
-                     "integer_check": report}
 
         files = {"decoder": "litert/decoder.tflite", "embedder": "litert/embedder.tflite",
                  "per_layer_embedder": "litert/per_layer_embedder.tflite", "litertlm": "litert/model.litertlm",
@@ -216,8 +377,9 @@ def export_backend(job) -> dict[str, Any]:
         stop_str = [s for s in (tok.id_to_token(i) for i in stop) if s]
         bundle = build_litertlm(job.artifact_root / files["litertlm"], config=cfg, tokenizer_dir=tok_dir, context=T,
                                 models={"prefill_decode": out / "decoder.tflite", "embedder": out / "embedder.tflite",
-                                        "per_layer_embedder": out / "per_layer_embedder.tflite"},
-                                stop_tokens=stop_str, bos_token=tok.bos_token, work_dir=work)
+                                        "per_layer_embedder": out / "per_layer_embedder.tflite", **lm_towers},
+                                stop_tokens=stop_str, bos_token=tok.bos_token, work_dir=work,
+                                vision_patches=vision_patches)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
