@@ -59,3 +59,42 @@ def embedded_int8_onnx_artifact(tmp_path_factory) -> Path:
                "--no-progress", "--out", str(out), timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+# LiteRT artifacts of the embedded model, shared by test_litert.py, test_litert_mm.py and test_android_demo.py: a LiteRT
+# export with the towers takes minutes here, so each is built once per session. Context 512: a 768x768 image is 256
+# soft tokens, and the text tests need prompts longer than the sliding window (128).
+LITERT_CONTEXT, LITERT_CHUNK = 512, 128
+_LITERT: dict[str, Path] = {}
+
+
+def _litert_artifact(tmp_path_factory, name: str, src, quant) -> Path:
+    if name not in _LITERT:
+        from edge_gemma.export.build import build_artifact
+
+        out = tmp_path_factory.mktemp("litert_shared") / name
+        build_artifact(src, quant, ["litert"], out, context=LITERT_CONTEXT, max_prefill_chunk=LITERT_CHUNK,
+                       check=False, progress=False)
+        _LITERT[name] = out
+    return _LITERT[name]
+
+
+@pytest.fixture(scope="session")
+def embedded_litert_fp32_artifact(tmp_path_factory) -> Path:
+    return _litert_artifact(tmp_path_factory, "fp32", REPO / "edge_gemma" / "data" / "default", "fp32")
+
+
+@pytest.fixture(scope="session")
+def embedded_int8_checkpoint(tmp_path_factory) -> Path:
+    """The embedded model quantized once with the int8 recipe (`edge-gemma quantize`'s code path)."""
+    from edge_gemma.quantize.recipes import get_recipe
+    from edge_gemma.quantize.stream import quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("embedded_q") / "int8"
+    quantize_checkpoint(REPO / "edge_gemma" / "data" / "default", get_recipe("int8"), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedded_litert_int8_artifact(tmp_path_factory, embedded_int8_checkpoint) -> Path:
+    return _litert_artifact(tmp_path_factory, "int8", embedded_int8_checkpoint, None)

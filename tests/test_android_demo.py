@@ -97,14 +97,10 @@ def _cross(classpath: str, *args: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_litert_artifact(tmp_path_factory) -> Path:
-    """A real artifact with the litert backend (.litertlm included), from our exporter, once per session."""
-    from edge_gemma.export.build import build_artifact
-
-    out = tmp_path_factory.mktemp("android") / "tiny-int8"
-    build_artifact("default", "int8", ["litert"], out, context=64, max_prefill_chunk=16, check=False,
-                   progress=False)
-    return out
+def tiny_litert_artifact(embedded_litert_int8_artifact) -> Path:
+    """A real artifact with the litert backend (.litertlm included), from our exporter (conftest: built once per
+    session, shared with test_litert.py). Tests copy it before changing anything."""
+    return embedded_litert_int8_artifact
 
 
 # ---------------------------------------------------------------- core: JUnit

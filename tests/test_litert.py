@@ -44,7 +44,7 @@ from edge_gemma.tokenizer import Tokenizer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "edge_gemma" / "data" / "default"
 HELDOUT = REPO / "edge_gemma" / "data" / "fidelity_heldout.txt"
-CONTEXT, CHUNK = 256, 128
+from conftest import LITERT_CHUNK as CHUNK, LITERT_CONTEXT as CONTEXT  # noqa: E402
 
 
 def _build(src, quant, out: Path, backends=("litert",)) -> Artifact:
@@ -65,8 +65,8 @@ def prompt_ids(tok) -> tuple[str, list[int]]:
 
 
 @pytest.fixture(scope="session")
-def fp32_artifact(tmp_path_factory) -> Artifact:
-    return _build("default", "fp32", tmp_path_factory.mktemp("litert") / "fp32")
+def fp32_artifact(embedded_litert_fp32_artifact) -> Artifact:
+    return Artifact(embedded_litert_fp32_artifact)
 
 
 @pytest.fixture(scope="session")
@@ -84,15 +84,13 @@ def onnx_fp32_artifact(tmp_path_factory) -> Artifact:
 
 
 @pytest.fixture(scope="session")
-def int8_checkpoint(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("litert_q") / "int8"
-    quantize_checkpoint(DEFAULT, get_recipe("int8"), out, progress=False)
-    return out
+def int8_checkpoint(embedded_int8_checkpoint) -> Path:
+    return embedded_int8_checkpoint
 
 
 @pytest.fixture(scope="session")
-def int8_artifact(int8_checkpoint, tmp_path_factory) -> Artifact:
-    return _build(int8_checkpoint, None, tmp_path_factory.mktemp("litert") / "int8")
+def int8_artifact(embedded_litert_int8_artifact) -> Artifact:
+    return Artifact(embedded_litert_int8_artifact)
 
 
 @pytest.fixture(scope="session")

@@ -30,13 +30,13 @@ from PIL import Image  # noqa: E402
 
 from edge_gemma.api import open_checkpoint  # noqa: E402
 from edge_gemma.artifact import Artifact  # noqa: E402
-from edge_gemma.export.build import build_artifact  # noqa: E402
 from edge_gemma.runtimes.engine import GenerationOptions  # noqa: E402
 from edge_gemma.runtimes.litert_lm import LitertLmEngine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "edge_gemma" / "data" / "default"
-CONTEXT, CHUNK, NEW = 512, 128, 24  # 768x768 is 256 soft tokens: the prompt needs more than 256 positions
+from conftest import LITERT_CHUNK as CHUNK, LITERT_CONTEXT as CONTEXT  # noqa: E402  (512: a 768x768 image is 256 soft tokens)
+NEW = 24
 STOPS = ("<eos>", "<turn|>")
 
 RAW_TEMPLATE = """{{- bos_token -}}
@@ -82,11 +82,9 @@ def media(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def mm_artifact(tmp_path_factory) -> Artifact:
-    out = tmp_path_factory.mktemp("litert_mm") / "fp32"
-    build_artifact("default", "fp32", ["litert"], out, context=CONTEXT, max_prefill_chunk=CHUNK, check=False,
-                   progress=False)
-    return Artifact(out)
+def mm_artifact(embedded_litert_fp32_artifact) -> Artifact:
+    """The embedded model's fp32 LiteRT artifact (conftest; context 512, shared with test_litert.py)."""
+    return Artifact(embedded_litert_fp32_artifact)
 
 
 @pytest.fixture(scope="module")
