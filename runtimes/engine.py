@@ -346,6 +346,14 @@ class Engine:
         S = int(ids.size)
         if S == 0:
             raise EngineError("the prompt is empty")
+        # media the backend cannot encode is refused before the length check: the message then says what is wrong
+        caps = self.backend.capabilities
+        if len(prompt.num_soft_tokens_per_image) and not caps.vision:
+            raise BackendError(f"the {self.backend.name} backend of this artifact has no vision encoder "
+                               "(exported --text-only?); it cannot take images")
+        if len(prompt.num_soft_tokens_per_audio) and not caps.audio:
+            raise BackendError(f"the {self.backend.name} backend of this artifact has no audio encoder "
+                               "(exported --text-only?); it cannot take audio")
         self._check_fits(S)
         if self._busy:
             raise EngineError("this engine is already generating; finish or close the previous generation first")
