@@ -1,10 +1,11 @@
-"""ExecuTorch exporter: one `.pte` (embed, prefill, decode, vision, audio methods) lowered to XNNPACK, weights in an
-external `.ptd`, the PLE table left out (the engine feeds its rows from the artifact's `ple.bin`).
+"""ExecuTorch exporter: one `.pte` (embed, prefill, decode, reset, vision, audio methods) lowered to XNNPACK, weights in
+an external `.ptd`, the PLE table left out (the engine feeds its rows from the artifact's `ple.bin`), the KV caches
+planned memory shared by prefill/decode/reset (nothing serialized for them; the runtime calls `reset` after loading).
 
 Entry point for `export/build.py`: `export_backend(job) -> manifest entry`::
 
     {"files": {"program": "executorch/model.pte", "data": "executorch/model.ptd"},
-     "methods": {"embed": ..., "prefill": ..., "decode": ..., "vision": ... | None, "audio": ... | None},
+     "methods": {"embed": ..., "prefill": ..., "decode": ..., "reset": ..., "vision": ... | None, "audio": ... | None},
      "context": T, "max_prefill_chunk": C, "hidden_size": H, "vocab_size": V, "ple": {"num_layers": L, "dim": P},
      "caches": "mutable buffers layers.<i>.self_attn.kv_cache.{k,v}_cache, shared by prefill and decode",
      "quantization": {"linear": "8da4w/8da8w (XNNPACK dynamic quant)" | "float", "embedding": label,
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from .executorch_lower import lower_program
-from .executorch_model import DecoderMethod, EmbedMethod, ExecutorchExportError, load_et_model
+from .executorch_model import CacheReset, DecoderMethod, EmbedMethod, ExecutorchExportError, Scoped, load_et_model
 
 __all__ = ["ExecutorchExportError", "export_backend", "export_executorch"]
 
@@ -36,7 +37,7 @@ MAX_AUDIO_FRAMES = 3000  # log-mel frames (10 ms) the audio method accepts
 
 
 def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, max_prefill_chunk: int,
-                      text_only: bool = False, rel_prefix: str = FOLDER) -> dict[str, Any]:
+                      text_only: bool = False, rel_prefix: str = FOLDER, precise: bool | None = None) -> dict[str, Any]:
     """Write `out_dir/model.pte` + `out_dir/model.ptd` and return the backend's manifest entry (paths relative to the
     artifact root, i.e. prefixed by `rel_prefix`)."""
     from .onnx_graphs import AudioGraph, VisionGraph
@@ -56,6 +57,7 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
         "prefill": (decoder, (torch.zeros(1, S0, H), torch.zeros(1, S0, L, P), torch.arange(S0)),
                     ({1: seq}, {1: seq}, {0: seq})),
         "decode": (decoder, (torch.zeros(1, 1, H), torch.zeros(1, 1, L, P), torch.arange(1)), None),
+        "reset": (CacheReset(em.model.language_model).eval(), (), None),
     }
     info: dict[str, Any] = {"vision": None, "audio": None}
     if cfg.vision is not None and em.model.vision_tower is not None:
@@ -68,7 +70,7 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
         # loading a tower sized for 4096 cells / 30000 frames took > 20 GB. 280 cells = Gemma 4's default image
         # budget (280 soft tokens); 3000 frames = 30 s of audio.
         cells = torch.export.Dim("cells", min=1, max=MAX_IMAGE_CELLS)
-        methods["vision"] = (VisionGraph(em.model.vision_tower, em.model.embed_vision).eval(),
+        methods["vision"] = (Scoped("vision", VisionGraph(em.model.vision_tower, em.model.embed_vision)).eval(),
                              (torch.rand(side * side, 3 * v.patch_size**2), pos), ({0: cells * k * k}, {0: cells * k * k}))
         info["vision"] = {"inputs": ["pixel_values", "position_ids"], "outputs": ["soft_tokens", "valid"],
                           "patches_multiple_of": k * k, "max_patches": MAX_IMAGE_CELLS * k * k}
@@ -79,18 +81,19 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
         n = torch.export.Dim("audio_blocks", min=2, max=max(3, MAX_AUDIO_FRAMES // m))
         frames = m * n - (m - 3)
         T0 = 2 * m + 3
-        methods["audio"] = (AudioGraph(em.model.audio_tower, em.model.embed_audio).eval(),
+        methods["audio"] = (Scoped("audio", AudioGraph(em.model.audio_tower, em.model.embed_audio)).eval(),
                             (torch.randn(T0, 128), torch.ones(T0, dtype=torch.bool)), ({0: frames}, {0: frames}))
         info["audio"] = {"inputs": ["features", "mask"], "outputs": ["soft_tokens", "valid"],
                          "frames_modulus": m, "frames_remainder": 3, "min_frames": m + 3,
                          "max_frames": m * max(3, MAX_AUDIO_FRAMES // m) - (m - 3)}
-    timings = lower_program(methods, out_dir, precise=not quantized)
+    timings = lower_program(methods, out_dir, precise=(not quantized) if precise is None else precise)
     emb_label = next((v for n, v in em.schemes.items() if n.endswith("embed_tokens.weight")), "float")
     return {
         "files": {"program": f"{rel_prefix}/{timings['pte']}", "data": f"{rel_prefix}/{timings['ptd']}"},
         "methods": {"embed": {"inputs": ["ids"], "outputs": ["embeds"]},
                     "prefill": {"inputs": ["inputs_embeds", "ple_rows", "positions"], "outputs": ["logits"]},
                     "decode": {"inputs": ["inputs_embeds", "ple_rows", "positions"], "outputs": ["logits"]},
+                    "reset": {"inputs": [], "outputs": ["zeros"], "call": "once after load: zeros the KV caches"},
                     **info},
         "context": context,
         "max_prefill_chunk": chunk,

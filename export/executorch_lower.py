@@ -5,19 +5,22 @@ Methods of `executorch/model.pte` (batch 1 inside; the runtime passes the shapes
   embed    ids [S] int64 (1 <= S <= chunk)                        -> embeds [S, H]
   prefill  inputs_embeds [1,S,H], ple_rows [1,S,L,P], positions [S] -> logits [1, V]   (S dynamic, 1..chunk)
   decode   the same with S = 1 (static shapes: XNNPACK plans the one-token path once)
+  reset    () -> zeros [1]; fills the KV caches with zeros (call once after loading)
   vision   pixel_values [Np, 3p^2], position_ids [Np, 2]          -> soft tokens [Np/k^2, H], valid [Np/k^2]
   audio    features [T, 128], mask [T] bool                       -> soft tokens [T', H], valid [T']
 
 KV caches: the eager model's static caches (`layers.i.self_attn.kv_cache.k_cache/v_cache`, cache-owning layers only)
 are mutable buffers; `KVCache.update`'s `index_copy_` is re-inplaced (`run_reinplace_pass`), and
-`MemoryPlanningPass(share_mutable_buffers=True)` gives `prefill` and `decode` ONE allocation per buffer (mem_id 2),
-initialised to zeros (`InitializedMutableBufferPass`: masked slots must hold finite values, since a zero attention
-weight times NaN is NaN). The zeros are stored in the `.pte` (E2B at 4096 context: ~150 MB; a `reset` method that
-zeroes them at load would avoid it -- not done).
+`MemoryPlanningPass(share_mutable_buffers=True)` gives `prefill`, `decode` and `reset` ONE allocation per buffer
+(mem_id 2). Nothing is serialized for them: the runtime calls `reset` (zeros every cache) once after loading, since
+masked slots must hold finite values (a zero attention weight times NaN is NaN). Storing initial zeros in the `.pte`
+(`InitializedMutableBufferPass`) would cost the caches' full size (E2B at 4096 positions: ~150 MB).
 
 Weights: every constant (delegated XNNPACK weights and the portable ops' tables) is tagged into the external file
 `model.ptd` (`delegate_external_constants_pass_unlifted` on the unlifted module, re-export, and
-`ExecutorchBackendConfig(external_constants=...)`); the runtime memory-maps it.
+`ExecutorchBackendConfig(external_constants=...)`); the runtime memory-maps it. The file is keyed by constant name,
+shared by all methods: names must be unique across methods (the towers are scoped `vision.` / `audio.`; prefill and
+decode share `lm.` because they share the tensors), and const-propagated constants stay in the `.pte` (`_tag`).
 
 Partitioners: `XnnpackDynamicallyQuantizedPartitioner` (the 8da4w / 8da8w linears) then `XnnpackPartitioner`. For an
 fp32 export (`precise=True`) XNNPACK's transcendental kernels (gelu, tanh, exp, softmax, sin/cos, pow, rsqrt, ...)
@@ -71,8 +74,13 @@ def _short_provenance():
 
 
 def _tag(node) -> str | None:
-    target = str(getattr(node, "target", ""))
-    return None if "kv_cache" in target else PTD_TAG
+    """External-file tag of a constant, or None to keep it in the `.pte`.
+
+    Kept inside: the KV caches (mutable, planned memory) and the constants the const-propagation pass creates
+    (`_prop_tensor_constant<i>`): they are numbered per method, so in a file shared by all methods the same name
+    would stand for different tensors (the runtime then refuses the method: error 0x24 InvalidExternalData)."""
+    target = f"{getattr(node, 'target', '')} {getattr(node, 'name', '')}"
+    return None if ("kv_cache" in target or "_prop_tensor_constant" in target) else PTD_TAG
 
 
 def _export(module: nn.Module, args: tuple, dynamic_shapes: Any):
@@ -109,7 +117,6 @@ def lower_program(methods: dict[str, tuple[nn.Module, tuple, Any]], out_dir: Pat
 def _lower(methods, out_dir: Path, *, precise: bool, name: str) -> dict[str, Any]:
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
     from torchao.utils import unwrap_tensor_subclass
 
     t0 = time.perf_counter()
@@ -130,7 +137,6 @@ def _lower(methods, out_dir: Path, *, precise: bool, name: str) -> dict[str, Any
         et = edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,
             do_quant_fusion_and_const_prop=True,
-            passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
             run_reinplace_pass=True,
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
             emit_mutable_buffer_names=True,

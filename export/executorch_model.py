@@ -18,7 +18,9 @@ table is never read (the engine feeds its rows from `ple.bin`) and is removed fr
 
 Method modules (batch 1 added inside): `EmbedMethod` ids [S] -> [S, H]; `DecoderMethod` (prefill and decode: the same
 module exported twice, S dynamic and S = 1) -> logits [1, V] of the last position, caches as mutable buffers updated
-in place by the eager `KVCache.update` (`index_copy_`); the towers reuse `export/onnx_graphs.VisionGraph`/`AudioGraph`.
+in place by the eager `KVCache.update` (`index_copy_`); `CacheReset` () -> zeros the same buffers (called once at load:
+the caches are planned memory, not serialized zeros); the towers reuse `export/onnx_graphs.VisionGraph`/`AudioGraph`
+inside `Scoped` so that every method's constants have names of their own in the shared `.ptd`.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from torch import nn
 from edge_gemma.config import ModelConfig, load_config
 from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel, Scheme, unpack_int4
 
-__all__ = ["DecoderMethod", "EmbedMethod", "EtModel", "ExecutorchExportError", "intx_weight", "load_et_model",
-           "stored_from_intx"]
+__all__ = ["CacheReset", "DecoderMethod", "EmbedMethod", "EtModel", "ExecutorchExportError", "Scoped", "intx_weight",
+           "load_et_model", "stored_from_intx"]
 
 log = logging.getLogger(__name__)
 
@@ -216,3 +218,38 @@ class DecoderMethod(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, ple_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.lm(inputs_embeds, ple_rows, positions, last_only=True)[:, -1]
+
+
+class CacheReset(nn.Module):
+    """`() -> zeros [1]`: fills every KV cache buffer with zeros, in place.
+
+    The caches are mutable buffers in planned memory (shared by `prefill`, `decode` and this method by name, hence
+    `self.lm` as in `DecoderMethod`), so nothing initialises them when a program loads. Masked slots must hold finite
+    values -- a zero attention weight times NaN is NaN -- so the runtime calls this once after loading. Serializing
+    the zeros instead would add the caches' full size to the `.pte` (~150 MB for E2B at 4096 positions)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self) -> torch.Tensor:
+        for name, buf in self.lm.named_buffers():
+            if name.endswith(("kv_cache.k_cache", "kv_cache.v_cache")):
+                buf.zero_()
+        return torch.zeros(1)
+
+
+class Scoped(nn.Module):
+    """`module` registered under the attribute `scope`: its parameters are named `<scope>.<name>`.
+
+    ExecuTorch keys a constant in the external `.ptd` by its name in the exported module; the vision and audio
+    graphs both call their tower `tower`, so without a scope their weights would collide (the runtime then fails to
+    load the method: "Scalar type mismatch", error 0x24 InvalidExternalData)."""
+
+    def __init__(self, scope: str, module: nn.Module):
+        super().__init__()
+        self.scope = scope
+        setattr(self, scope, module)
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor):  # both towers take two tensors
+        return getattr(self, self.scope)(first, second)

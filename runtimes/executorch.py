@@ -3,8 +3,8 @@
 Methods (see `export/executorch_lower.py`): `embed`, `prefill` (1..max_prefill_chunk tokens), `decode` (one token),
 `vision`, `audio`. The KV caches live INSIDE the program as mutable buffers shared by `prefill` and `decode` (one
 allocation, updated in place): the backend never sees a cache tensor. Slots are indexed by absolute position and
-masks come from positions, so `reset()` has nothing to clear (stale slots are never visible; they were initialised to
-zeros at load, and every later value is finite) and a rewind simply overwrites positions.
+masks come from positions, so `reset()` has nothing to clear (stale slots are never visible; the program's own `reset`
+method zeroes them once at load, and every later value is finite) and a rewind simply overwrites positions.
 
 Dependencies, honestly: the `executorch` wheel's Python bindings link libtorch and take `torch.Tensor` inputs, so
 this backend imports torch -- lazily, when the backend is opened, never at module import. On a phone the same `.pte`
@@ -80,6 +80,10 @@ class ExecutorchBackend(Backend):
         # memory, sized for the largest input its dynamic shapes allow).
         self._wanted = wanted
         self._methods = {m: self._program.load_method(m) for m in ("embed", "prefill", "decode")}
+        if "reset" not in available:
+            raise ArtifactError(f"{pte}: the program has no `reset` method (it zeroes the KV caches after loading; "
+                                "re-export the artifact)")
+        self._run("reset")  # the caches are planned memory: zero them once, masked slots must be finite
         self.capabilities = Capabilities(context=self.context, max_prefill_chunk=chunk, hidden_size=H, vocab_size=V,
                                          vision="vision" in wanted, audio="audio" in wanted)
 

@@ -1,3 +1,10 @@
+# NOT COLLECTED BY PYTEST (the name does not start with test_): the end-to-end ExecuTorch tests of issue 6. Session 2
+# fixed the load failure (0x24 = InvalidExternalData: constant names colliding in the shared .ptd) but could not run
+# these to the end before its deadline (lowering took > 1 h of wall time on the loaded machine). Rename to
+# test_executorch_e2e.py, and export/executorch_export.py to export/executorch.py, once they pass.
+# Measured 03:23 UTC on a fresh lowering: fp32 program with all 6 methods loads, logits 7.6e-6, image 2.7e-7, audio
+# 6.9e-7 vs eager; int4 text program vs the XNNPACK-emulated eager model: 99.2 % top-1 over 128 tokens, max logit
+# diff 0.070 (> 0.05; probably XNNPACK's gelu/tanh/exp approximations, all delegated in quantized exports: unproven).
 """ExecuTorch export (`export/executorch*.py`) and backend (`runtimes/executorch.py`) against the eager model.
 
 * fp32: the embedded default model (a tiny Gemma 4 with vision and audio towers) exported through `build_artifact`
@@ -29,7 +36,7 @@ pytest.importorskip("executorch")
 pytest.importorskip("torchao")
 
 from edge_gemma.artifact import Artifact, ArtifactWriter  # noqa: E402
-from edge_gemma.export.executorch import export_executorch  # noqa: E402
+from edge_gemma.export.executorch_export import export_executorch  # noqa: E402
 from edge_gemma.export.executorch_model import load_et_model  # noqa: E402
 from edge_gemma.quantize.load import QuantizedCheckpoint  # noqa: E402
 from edge_gemma.quantize.stream import quantize_checkpoint  # noqa: E402
