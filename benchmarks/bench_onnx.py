@@ -10,8 +10,10 @@ Steps (each is skipped when its `--skip-*` flag is given):
    times, each in a fresh process; the medians of prefill tok/s, decode tok/s, TTFT, runtime peak RSS and the
    resident bytes of the memory-mapped `ple.bin` after the generation (from /proc/self/smaps inside the bench).
 4. profile (`--profile`): ONNX Runtime's profiler (`SessionOptions.enable_profiling`) on the decoder graph, one
-   prefill chunk and a few decode steps, with zero caches (the cost does not depend on the cache contents: the
-   graph reads every slot and masks); prints the operators that take the most time, by op type and by node.
+   prefill chunk and a few decode steps, with zero caches (the cost does not depend on the cache contents, only on
+   how many slots are passed: all `context` for graphs with a fixed slot count, else the slots in use rounded up to
+   the runtime's bucket, as `runtimes/onnx.py` binds them); prints the operators that take the most time, by op
+   type and by node.
 
 Everything goes to `--results FILE` (JSON) and a summary to stdout. The page cache is not dropped (that needs root).
 
@@ -129,6 +131,8 @@ def profile(args) -> dict:
     import numpy as np
     import onnxruntime as ort
 
+    from edge_gemma.runtimes.onnx import CACHE_BUCKET
+
     manifest = json.loads((Path(args.artifact) / "manifest.json").read_text())
     entry = manifest["backends"]["onnx"]
     opts = ort.SessionOptions()
@@ -144,13 +148,18 @@ def profile(args) -> dict:
                                 providers=["CPUExecutionProvider"])
     H = int(entry["hidden_size"])
     L, P = int(entry["ple"]["num_layers"]), int(entry["ple"]["dim"])
+    chunk = int(entry["max_prefill_chunk"])
+    # graphs with a dynamic slot count get what the runtime binds (the slots in use, rounded up to its bucket)
+    inputs = {i.name: i.shape for i in sess.get_inputs()}
+    dynamic = bool(entry["caches"]) and not isinstance(inputs[entry["caches"][0]["past_key"]][2], int)
     past = {}
     for c in entry["caches"]:
-        shape = tuple(int(x) for x in c["shape"])
+        shape = [int(x) for x in c["shape"]]
+        if dynamic:
+            shape[2] = min(shape[2], -(-(chunk + args.profile_steps) // CACHE_BUCKET) * CACHE_BUCKET)
         past[c["past_key"]] = np.zeros(shape, np.float32)
         past[c["past_value"]] = np.zeros(shape, np.float32)
     rng = np.random.default_rng(0)
-    chunk = int(entry["max_prefill_chunk"])
 
     def feed(p0: int, s: int) -> dict:
         return {"inputs_embeds": rng.standard_normal((1, s, H), dtype=np.float32),

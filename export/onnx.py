@@ -19,7 +19,7 @@ Entry point for the orchestrator (`export/build.py`)::
      "caches": [{"layer": i, "past_key": "past_key_i", "past_value": ..., "new_key": ..., "new_value": ...,
                  "shape": [1, nkv, T, hd], "dtype": "float32"}, ...],
      "quantization": {"matmul": "MatMulNBits", "accuracy_level": 4, "tensors": {hf_name: scheme label or "float"}},
-     "opset": 18}
+     "opset": 18, "audio": {"frame_multiple": 48, "max_frames": 3024} | None}
 
 Graphs (all batch 1):
   embedder.onnx  ids [S] int64 -> embeds [S, H] = table[ids] * sqrt(H). Float: Gather. Quantized: ORT's
@@ -30,7 +30,8 @@ Graphs (all batch 1):
                  One graph, S dynamic (1..max_prefill_chunk): prefill and decode share the prepacked weights.
                  The tied LM head is MatMulNBits over the same integers as the embedder's table.
   vision.onnx    pixel_values [Np, 3p^2], position_ids [Np, 2] -> soft tokens [Np/k^2, H], valid [Np/k^2].
-  audio.onnx     features [T, 128], mask [T] -> soft tokens [T', H], valid [T'].
+  audio.onnx     features [T, 128], mask [T] -> soft tokens [T/4, H], valid [T/4]; T a multiple of 48 frames (the
+                 manifest's `audio.frame_multiple`): the runtime pads with masked frames (`audio_frame_layout`).
 
 Quantized linears are `export/onnx_ops.QuantLinear` (MatMulNBits, accuracy_level=4), built straight from the stored
 codes and scales: the model is built on the meta device and only the quantized buffers and the float tensors the
@@ -43,9 +44,11 @@ quantized buffers (E2B int4: ~1.2 GB of linears + ~0.45 GB int8 head), the embed
 freed first), and the exporter's graph; the float decoder is never built. Not yet measured on a full-size checkpoint.
 
 Fidelity measured by tests/test_onnx.py (trained default model, 256 held-out tokens, teacher-forced, eager model over
-the same integers with accuracy_level=4 activation rounding emulated): int4 and int8 top-1 agreement 100 %, median
-|logit diff| < 1e-2, 99th percentile ~0.045, max ~0.06. The emulation is exact up to float summation order; the residue
-comes from activations that land on an int8 rounding boundary in one runtime and not the other. fp32: < 2e-5.
+the same integers with accuracy_level=4 activation rounding emulated bit for bit, `onnx_ops.emulate_activation_quant`):
+int8, both runtimes fed the same history: top-1 100 %, median |logit diff| 3e-6, 99th percentile 0.032, max 0.072;
+each with its own caches: top-1 99.6 %, median 0.021, max 0.072. The residue comes from activations that land on an
+int8 rounding boundary in one runtime and not the other (ORT vs torch kernels differ by an ulp elsewhere); a flip then
+persists through the caches. fp32: < 2e-5.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel
 from .onnx_graphs import AudioGraph, CachedDecoder, VisionGraph, cache_names
 from .onnx_ops import ACCURACY_LEVEL, QuantLinear, TRANSLATION_TABLE, int8_block_size
 
-__all__ = ["OnnxExportError", "ExportModel", "export_onnx", "load_export_model", "write_embedder", "EMBED", "OPSET"]
+__all__ = ["OnnxExportError", "ExportModel", "audio_frame_layout", "export_onnx", "load_export_model",
+           "write_audio_graph", "write_embedder", "EMBED", "OPSET"]
 
 log = logging.getLogger(__name__)
 
@@ -246,13 +250,22 @@ def write_embedder(path: Path, *, hidden_size: int, scheme: Scheme | None, store
 # onnxscript 0.7's optimizer drops the constant bounds of the towers' Clip nodes (ClippableLinear): the towers are
 # exported unoptimized (ONNX Runtime folds constants when it loads them anyway).
 def _torch_export(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_names: list[str],
-                  output_names: list[str], path: Path, *, optimize: bool = True) -> None:
+                  output_names: list[str], path: Path, *, optimize: bool = True, pre_export: bool = False) -> None:
+    """`torch.onnx.export` (dynamo) of `module` to `path` with external data.
+
+    `pre_export=True` captures the graph with a plain `torch.export.export` first and hands the ExportedProgram to
+    the ONNX exporter. Why: the ONNX exporter's own capture runs with `backed_size_oblivious` and deferred runtime
+    asserts, and on the full-size audio tower (12 conformer layers) its symbolic-shape reasoning never finished
+    (> 20 min in sympy's value-range analysis); the plain capture of the same module takes ~1 min."""
     import time
     import warnings
 
     start = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        if pre_export:
+            module = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
+            dynamic_shapes = None  # carried by the ExportedProgram
         program = torch.onnx.export(
             module, args, dynamo=True, external_data=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
             output_names=output_names, custom_translation_table=TRANSLATION_TABLE.fill(), opset_version=OPSET,
@@ -260,6 +273,35 @@ def _torch_export(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_n
         )
     program.save(str(path), external_data=True)
     log.info("onnx: wrote %s in %.1f s", path.name, time.perf_counter() - start)
+
+
+def audio_frame_layout(cfg: ModelConfig) -> dict[str, int]:
+    """The audio graph's frame count contract: `features [T, 128]` with T a multiple of `frame_multiple` (4 x the
+    attention chunk: 48 frames, 0.48 s), at most `max_frames` (30 s of 10 ms frames rounded up to the multiple).
+
+    Why a multiple: torch.export cannot keep an arbitrary T dynamic (the SSCP's two ceil-halvings and the attention's
+    block padding specialise the graph on T mod 48), while with T = 48 n every length is a plain multiple of n. The
+    runtime pads the features with masked frames (mask False) up to the multiple; the encoder is causal and the SSCP
+    zeroes masked frames, so the valid soft tokens equal the unpadded eager model's, and `valid` drops the rest."""
+    from edge_gemma.audio import MAX_SAMPLES, num_mel_frames
+
+    unit = 4 * cfg.audio.attention_chunk_size
+    return {"frame_multiple": unit, "max_frames": -(-num_mel_frames(MAX_SAMPLES) // unit) * unit}
+
+
+def write_audio_graph(em: ExportModel, path: Path) -> dict[str, int]:
+    """audio.onnx: `features [48 n, 128], mask [48 n]` -> `soft_tokens [12 n, H], valid [12 n]`, n dynamic (see
+    `audio_frame_layout`, which it returns: the manifest's `audio` entry)."""
+    layout = audio_frame_layout(em.cfg)
+    unit = layout["frame_multiple"]
+    log.info("onnx: audio graph (frames a multiple of %d, up to %d)", unit, layout["max_frames"])
+    blocks = torch.export.Dim("audio_blocks", min=1, max=layout["max_frames"] // unit)
+    graph = AudioGraph(em.model.audio_tower, em.model.embed_audio).eval()
+    T0 = 4 * unit  # example input: 4 blocks
+    _torch_export(graph, (torch.randn(T0, 128), torch.ones(T0, dtype=torch.bool)),
+                  ({0: unit * blocks}, {0: unit * blocks}), ["features", "mask"], ["soft_tokens", "valid"], path,
+                  optimize=False, pre_export=True)
+    return layout
 
 
 def export_onnx(checkpoint: str | Path, writer: ArtifactWriter, *, context: int,
@@ -292,7 +334,9 @@ def export_onnx(checkpoint: str | Path, writer: ArtifactWriter, *, context: int,
                               "dtype": "float32"})
     seq = torch.export.Dim("seq", min=1, max=chunk)
     args = (torch.zeros(1, S0, H), torch.zeros(1, S0, L, P), torch.arange(S0), list(caches))
-    dyn = ({1: seq}, {1: seq}, {0: seq}, [None] * len(caches))  # *past is one pytree node
+    # the old caches' slot count is dynamic too: the runtime passes only the slots in use (rounded up to a bucket)
+    past_len = torch.export.Dim("past_len", min=1, max=context)
+    dyn = ({1: seq}, {1: seq}, {0: seq}, [{2: past_len}] * len(caches))  # *past is one pytree node
     in_names = ["inputs_embeds", "ple_rows", "positions", *past_names]
     out_names = ["logits", *new_names]
     _torch_export(decoder, args, dyn, in_names, out_names, writer.path(files["decoder"]))
@@ -311,14 +355,10 @@ def export_onnx(checkpoint: str | Path, writer: ArtifactWriter, *, context: int,
         _torch_export(graph, (torch.rand(side * side, 3 * v.patch_size**2), pos),
                       ({0: cells * k * k}, {0: cells * k * k}), ["pixel_values", "position_ids"],
                       ["soft_tokens", "valid"], writer.path(files["vision"]), optimize=False)
+    audio = None
     if cfg.audio is not None:
-        log.info("onnx: audio graph")
-        frames = torch.export.Dim("frames", min=2, max=30000)
-        graph = AudioGraph(em.model.audio_tower, em.model.embed_audio).eval()
         files["audio"] = "onnx/audio.onnx"
-        T0 = 4 * cfg.audio.attention_chunk_size + 3
-        _torch_export(graph, (torch.randn(T0, 128), torch.ones(T0, dtype=torch.bool)), ({0: frames}, {0: frames}),
-                      ["features", "mask"], ["soft_tokens", "valid"], writer.path(files["audio"]), optimize=False)
+        audio = write_audio_graph(em, writer.path(files["audio"]))
 
     return {
         "files": files,
@@ -333,4 +373,5 @@ def export_onnx(checkpoint: str | Path, writer: ArtifactWriter, *, context: int,
                          "embedding": "float" if em.embed_scheme is None else em.embed_scheme.label,
                          "tensors": em.schemes},
         "opset": OPSET,
+        "audio": audio,
     }

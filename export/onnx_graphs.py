@@ -3,8 +3,9 @@
 These are module swaps applied just before export (HOUSE_STYLE): they reuse the eager model's submodules and
 parameters unchanged and only change how the caches are passed and how the towers return their variable-length output.
 
-`CachedDecoder` (decoder.onnx). The caches live in the runtime as numpy arrays `[1, nkv, T, hd]` (T = context), one K
-and one V per cache-owning layer. Every call takes them as READ-ONLY inputs and returns only the K/V of the new chunk
+`CachedDecoder` (decoder.onnx). The caches live in the runtime as numpy arrays `[1, nkv, T, hd]`, one K and one V per
+cache-owning layer; T is dynamic (1..context): the runtime passes the slots in use, rounded up to a bucket, so
+attention costs O(position), not O(context). Every call takes them as READ-ONLY inputs and returns only the K/V of the new chunk
 `[1, nkv, S, hd]`; the runtime writes those into its arrays at `positions` (a numpy slice assignment). Nothing in the
 graph concatenates, scatters or copies a whole cache, so a decode step costs O(T) reads, not O(T) writes.
 Attention per layer is two score blocks and one softmax:
@@ -23,6 +24,9 @@ run on the last token only (they write no cache), as the eager `last_only` path 
 `VisionGraph` / `AudioGraph` (vision.onnx / audio.onnx): encoder + `embed_*` projection, batch 1 added inside; they
 return every cell/frame plus a `valid` mask (the valid ones are first; boolean indexing would make the output shape
 data-dependent), and the runtime keeps the valid rows.
+
+RMSNorms of the decoder go through `_rms` (the `edge_gemma::rms_norm` op, same math): one SimplifiedLayerNormalization
+node each instead of the five nodes eager's `pow(ms + eps, -0.5)` becomes, which ONNX Runtime does not fuse.
 """
 
 from __future__ import annotations
@@ -31,9 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_gemma.model.layers import RMSNorm
 from edge_gemma.model.text import TextDecoder, apply_rope, rope_cos_sin
 
+from . import onnx_ops  # noqa: F401  (registers torch.ops.edge_gemma.rms_norm)
+
 __all__ = ["AudioGraph", "CachedDecoder", "VisionGraph", "cache_names"]
+
+
+def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for an eager `RMSNorm`, as the `edge_gemma::rms_norm` op (one SimplifiedLayerNormalization node in
+    ONNX; same math in eager). Any other module is called as is."""
+    if not isinstance(norm, RMSNorm):
+        return norm(x)
+    weight = norm.weight if norm.with_scale else torch.ones(norm.dim, dtype=torch.float32, device=x.device)
+    return torch.ops.edge_gemma.rms_norm(x, weight, float(norm.eps))
 
 
 def cache_names(cache_layers: tuple[int, ...]) -> tuple[list[str], list[str]]:
@@ -76,7 +92,7 @@ class CachedDecoder(nn.Module):
         dtype = inputs_embeds.dtype
         ple = dec.per_layer_inputs(inputs_embeds, ple_rows)  # (1, S, L, P)
         pos2d = positions.unsqueeze(0)  # (1, S)
-        slots = torch.arange(self.context, device=positions.device)  # (T,)
+        slots = torch.arange(past[0].shape[2], device=positions.device)  # (T,) T = the slots passed in, <= context
         qp = positions[:, None]  # (S, 1)
         old = slots[None, :] < positions[0]  # (S, T) slots written before this chunk
         new = positions[None, :] <= qp  # (S, S) causal inside the chunk
@@ -98,25 +114,25 @@ class CachedDecoder(nn.Module):
             sliding = not cfg.is_full(i)
             cos, sin = rope[sliding]
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
+            x = _rms(layer.input_layernorm, h)
             B, s, _ = x.shape
-            q = attn.q_norm(attn.q_proj(x).view(B, s, attn.n_heads, attn.head_dim))
+            q = _rms(attn.q_norm, attn.q_proj(x).view(B, s, attn.n_heads, attn.head_dim))
             q = apply_rope(q, cos, sin).transpose(1, 2)  # (1, nh, s, hd)
             if attn.computes_kv:
-                k = attn.k_norm(attn.k_proj(x).view(B, s, attn.n_kv_heads, attn.head_dim))
+                k = _rms(attn.k_norm, attn.k_proj(x).view(B, s, attn.n_kv_heads, attn.head_dim))
                 k = apply_rope(k, cos, sin).transpose(1, 2)  # (1, nkv, S, hd)
-                v = attn.v_norm(attn.v_proj(x).view(B, s, attn.n_kv_heads, attn.head_dim)).transpose(1, 2)
+                v = _rms(attn.v_norm, attn.v_proj(x).view(B, s, attn.n_kv_heads, attn.head_dim)).transpose(1, 2)
                 new_kv[i] = (k, v)
             src = dec.kv_source[i]
             k_old, v_old = caches[src]
             k_new, v_new = new_kv[src]
             a = self._attend(attn, q, k_old, v_old, k_new, v_new, *masks[sliding])
-            h = h + layer.post_attention_layernorm(a)
-            h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+            h = h + _rms(layer.post_attention_layernorm, a)
+            h = h + _rms(layer.post_feedforward_layernorm, layer.mlp(_rms(layer.pre_feedforward_layernorm, h)))
             g = F.gelu(layer.per_layer_input_gate(h), approximate="tanh") * ple[:, :, i]
-            h = h + layer.post_per_layer_input_norm(layer.per_layer_projection(g))
+            h = h + _rms(layer.post_per_layer_input_norm, layer.per_layer_projection(g))
             h = h * layer.layer_scalar.to(h.dtype)
-        h = dec.norm(h[:, -1])  # (1, H)
+        h = _rms(dec.norm, h[:, -1])  # (1, H)
         logits = self.head(h)  # (1, V)
         cap = cfg.final_logit_softcapping
         if cap is not None:

@@ -1,14 +1,23 @@
 """ONNX Runtime backend: runs an artifact's `onnx/` graphs (see `export/onnx.py` for what each graph computes).
 
-The backend owns the KV caches as numpy arrays `[1, nkv, T, hd]`, one K and one V per cache-owning layer. They are
-bound to the decoder session once, zero-copy (`OrtValue.ortvalue_from_numpy` shares the array's memory on CPU), as
+The backend owns the KV caches as numpy arrays `[1, nkv, slots, hd]`, one K and one V per cache-owning layer. They
+are bound to the decoder session zero-copy (`OrtValue.ortvalue_from_numpy` shares the array's memory on CPU), as
 read-only inputs; every call returns only the new chunk's K/V `[1, nkv, S, hd]`, which is written into the arrays at
 its positions with a numpy slice assignment. So a decode step moves O(S) cache bytes, not O(T).
+
+`slots` is not the context: the decoder graph takes any number of old slots (1..context) and attends over those only,
+so the arrays hold the positions in use rounded up to `CACHE_BUCKET` and are reallocated one bucket larger (a copy
+of what they hold, then a re-bind) when a call would write past their end. Attention then reads ~p slots at
+position p instead of all `context` (at 4096 slots it was ~40 % of a prefill chunk and ~10 % of a decode step even
+at position 0), and cache memory follows the conversation's length. Graphs exported with a fixed slot count (older
+artifacts) get `context`-slot arrays, bound once.
 
 Session options: `intra_op_num_threads` = `threads` (default: all cores), one inter-op thread, and spinning off
 (`session.intra_op.allow_spinning = 0`) when running on 2 threads or fewer, where a spinning worker steals the core the
 caller needs. External data (the weights) is memory-mapped by ONNX Runtime; MatMulNBits prepacks its weights once per
-session, which is why prefill and decode share ONE decoder session.
+session, which is why prefill and decode share ONE decoder session. The vision and audio sessions open on the first
+image / audio clip, so a text-only run does not hold their weights. `ORT_ENABLE_ALL` keeps ORT's fusions (MatMulNBits
+stays as exported: its `accuracy_level=4` int8-activation kernels are the fast CPU path).
 
 No torch here.
 """
@@ -25,9 +34,11 @@ from edge_gemma.artifact import Artifact, ArtifactError
 
 from .base import Backend, BackendError, Capabilities, check_step_inputs
 
-__all__ = ["OnnxBackend"]
+__all__ = ["CACHE_BUCKET", "OnnxBackend"]
 
 log = logging.getLogger(__name__)
+
+CACHE_BUCKET = 64  # cache arrays grow by this many slots; a call reads (and masks) at most this many unused ones
 
 
 class OnnxBackend(Backend):
@@ -76,32 +87,67 @@ class OnnxBackend(Backend):
         self._decoder = session("decoder")
         if self._embedder is None or self._decoder is None:
             raise ArtifactError(f"{artifact.root}: backends.onnx lacks the embedder or decoder graph")
-        self._vision = session("vision")
-        self._audio = session("audio")
+        # the towers' sessions open on first use: a text-only conversation never pays their prepacked weights
+        self._session = session
+        self._towers: dict[str, Any] = {}
+        for key in ("vision", "audio"):
+            if files.get(key):
+                artifact.path(files[key])  # raises now if the manifest does not list it
         self.capabilities = Capabilities(context=self.context, max_prefill_chunk=chunk, hidden_size=H, vocab_size=V,
-                                         vision=self._vision is not None, audio=self._audio is not None)
+                                         vision=bool(files.get("vision")), audio=bool(files.get("audio")))
 
-        # caches: numpy arrays bound zero-copy as decoder inputs
+        # caches: numpy arrays bound zero-copy as decoder inputs, grown in buckets as positions advance (see module doc)
+        inputs = {i.name: i.shape for i in self._decoder.get_inputs()}
         self._caches: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = []
-        self._binding = self._decoder.io_binding()
-        self._keep: list[Any] = []
+        shapes = []
         for c in caches:
             shape = tuple(int(x) for x in c["shape"])
             if c.get("dtype", "float32") != "float32" or shape[2] != self.context:
                 raise ArtifactError(f"{artifact.root}: cache entry for layer {c.get('layer')} has shape {shape} / "
                                     f"dtype {c.get('dtype')}; expected float32 with {self.context} slots")
-            k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-            for name, arr in ((c["past_key"], k), (c["past_value"], v)):
-                ov = ort.OrtValue.ortvalue_from_numpy(arr)
-                self._keep.append(ov)
-                self._binding.bind_ortvalue_input(name, ov)
-            self._caches.append((c, k, v))
+            for name in (c["past_key"], c["past_value"]):
+                if name not in inputs:
+                    raise ArtifactError(f"{artifact.root}: decoder graph has no input {name!r} (manifest caches)")
+            shapes.append(shape)
+        # graphs exported before the slot count became dynamic take all `context` slots on every call
+        self._sliced = bool(caches) and all(not isinstance(inputs[c[key]][2], int)
+                                            for c in caches for key in ("past_key", "past_value"))
+        self._binding = self._decoder.io_binding()
+        self._keep: dict[str, Any] = {}
+        self._slots = 0
+        for c, shape in zip(caches, shapes):
+            empty = np.zeros((*shape[:2], 0, shape[3]), np.float32)
+            self._caches.append((c, empty, empty))
+        self._grow(self._initial_slots())
         self._outputs = [o.name for o in self._decoder.get_outputs()]
         expected = ["logits"] + [n for c, _, _ in self._caches for n in (c["new_key"], c["new_value"])]
         if self._outputs != expected:
             raise ArtifactError(f"{artifact.root}: decoder outputs {self._outputs}, manifest implies {expected}")
 
-    # -- text -----------------------------------------------------------------------------------------------------
+    # -- caches ---------------------------------------------------------------------------------------------------
+
+    def _initial_slots(self) -> int:
+        return min(self.context, CACHE_BUCKET) if self._sliced else self.context
+
+    def _grow(self, slots: int) -> None:
+        """Reallocate every cache to `slots` slots (contiguous), keep what the first min(old, new) slots hold, and
+        bind the new arrays to the decoder zero-copy."""
+        keep = min(self._slots, slots)
+        grown = []
+        for c, k, v in self._caches:
+            pair = []
+            for name, old in ((c["past_key"], k), (c["past_value"], v)):
+                new = np.zeros((*old.shape[:2], slots, old.shape[3]), np.float32)
+                new[:, :, :keep] = old[:, :, :keep]
+                ov = self._ort.OrtValue.ortvalue_from_numpy(new)
+                self._keep[name] = ov  # the OrtValue shares `new`'s memory; keep both alive while bound
+                self._binding.bind_ortvalue_input(name, ov)
+                pair.append(new)
+            grown.append((c, pair[0], pair[1]))
+        self._caches = grown
+        self._slots = slots
+
+    # -- text ---------------------------------------------------------------------------------------------------
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
@@ -114,6 +160,8 @@ class OnnxBackend(Backend):
         embeds, ple_rows, positions = check_step_inputs("prefill", self.capabilities, self._ple, embeds, ple_rows,
                                                             positions)
         S, p0 = positions.size, int(positions[0])
+        if p0 + S > self._slots:  # the new K/V must land inside the arrays: grow to the next bucket
+            self._grow(min(self.context, -(-(p0 + S) // CACHE_BUCKET) * CACHE_BUCKET))
         b = self._binding
         b.bind_cpu_input("inputs_embeds", embeds[None])
         b.bind_cpu_input("ple_rows", ple_rows[None])
@@ -129,35 +177,50 @@ class OnnxBackend(Backend):
         return outs[0].numpy()[0].copy()
 
     def reset(self) -> None:
+        if self._sliced:  # back to one bucket: frees the memory of a long conversation
+            self._slots = 0
+            self._grow(self._initial_slots())
+            return
         for _, k, v in self._caches:
             k.fill(0.0)
             v.fill(0.0)
 
     # -- towers ---------------------------------------------------------------------------------------------------
 
+    def _tower(self, key: str):
+        if key not in self._towers:
+            self._towers[key] = self._session(key)
+        return self._towers[key]
+
     def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        if self._vision is None:
+        if not self.capabilities.vision:
             return super().encode_image(pixel_values, position_ids)
         pv = np.ascontiguousarray(pixel_values, dtype=np.float32)
         pos = np.ascontiguousarray(position_ids, dtype=np.int64)
         if pv.ndim != 2 or pos.shape != (pv.shape[0], 2):
             raise ValueError(f"encode_image: pixel_values {pv.shape} / position_ids {pos.shape}; expected "
                              "[Np, 3*p*p] and [Np, 2]")
-        soft, valid = self._vision.run(None, {"pixel_values": pv, "position_ids": pos})
+        soft, valid = self._tower("vision").run(None, {"pixel_values": pv, "position_ids": pos})
         return soft[valid.astype(bool)]
 
     def encode_audio(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        if self._audio is None:
+        if not self.capabilities.audio:
             return super().encode_audio(features, mask)
         f = np.ascontiguousarray(features, dtype=np.float32)
         m = np.ascontiguousarray(mask, dtype=bool).reshape(-1)
         if f.ndim != 2 or m.shape != (f.shape[0],):
             raise ValueError(f"encode_audio: features {f.shape} / mask {m.shape}; expected [T, 128] and [T]")
-        soft, valid = self._audio.run(None, {"features": f, "mask": m})
+        # The audio graph takes T a multiple of `audio.frame_multiple` (export/onnx.py `audio_frame_layout`): pad with
+        # masked frames, which change no valid soft token; `valid` drops their outputs.
+        pad = -f.shape[0] % int((self.entry.get("audio") or {}).get("frame_multiple", 1))
+        if pad:
+            f, m = np.pad(f, ((0, pad), (0, 0))), np.pad(m, (0, pad))
+        soft, valid = self._tower("audio").run(None, {"features": f, "mask": m})
         return soft[valid.astype(bool)]
 
     def close(self) -> None:
-        self._embedder = self._decoder = self._vision = self._audio = None
+        self._embedder = self._decoder = None
+        self._towers = {}
         self._binding = None
-        self._keep = []
+        self._keep = {}
         self._caches = []
