@@ -36,7 +36,7 @@ from edge_gemma.checkpoint import LAYOUTS
 from edge_gemma.config import ModelConfig, load_config
 from edge_gemma.paths import resolve_checkpoint
 
-from .fidelity import Fidelity, compare_logits, heldout_text, teacher_forced_logits
+from .fidelity import Fidelity, compare_logits, dequantized_fits, heldout_text, reference_backend, teacher_forced_logits
 from .source import variant_of
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class ExportJob:
     folder: str  # the backend's folder name inside the artifact
     caches: dict[str, Any]  # the manifest's default cache description (see `cache_layout`)
     progress: bool = True
+    text_only: bool = False  # embedder + decoder only: no vision/audio graphs (the artifact refuses images/audio)
 
     @property
     def out_dir(self) -> Path:
@@ -116,6 +117,7 @@ class BuildReport:
             lines.append(f"fidelity on held-out text, teacher-forced against the eager model on the {ref}:")
             for name, fig in self.fidelity.get("backends", {}).items():
                 lines.append(f"  {name:18s} {Fidelity(**fig).format()}")
+            lines += [f"  note: {n}" for n in self.fidelity.get("notes", [])]
         else:
             lines.append("fidelity: not checked (--no-check)")
         return "\n".join(lines)
@@ -282,17 +284,20 @@ def _fidelity(root: Path, reference_ckpt: Path, weights: Path, quantized: bool, 
     art = Artifact(root)
     proc = Processor.from_dir(root / "tokenizer")
     ids = proc.tokenizer.encode(heldout_text(), add_bos=True)[: min(tokens, context)]
-    runs = (1 + int(quantized) + len(backends)) * len(ids)
+    # Bounded memory (full-size targets E2B <= 8 GB, E4B <= 12 GB): a text-only reference with 16-bit weights kept
+    # 16-bit, and the float32 eager-dequantized comparison only when it fits (export/fidelity.py).
+    with_dequantized, note = dequantized_fits(weights) if quantized else (False, "")
+    runs = (1 + int(with_dequantized) + len(backends)) * len(ids)
     bar = tqdm(total=runs, desc="fidelity", unit="tok", disable=not progress)
     try:
-        ref_backend = EagerBackend.from_checkpoint(reference_ckpt, context=context)
+        ref_backend = reference_backend(reference_ckpt, context=context)
         reference = teacher_forced_logits(ref_backend, ref_backend.ple_source().gather, ids, progress=bar.update)
         ref_backend.close()
         del ref_backend
         results: dict[str, Any] = {}
         ple = PleTable(root / art.manifest["ple"]["file"], art.manifest["ple"])
         try:
-            if quantized:  # the same quantized weights in the eager model: the quantization's share of the error
+            if with_dequantized:  # the same quantized weights in the eager model: the quantization's share of the error
                 deq = EagerBackend.from_checkpoint(weights, context=context, skip_ple=True)
                 results["eager-dequantized"] = compare_logits(
                     reference, teacher_forced_logits(deq, ple.gather, ids, progress=bar.update), ids
@@ -306,7 +311,10 @@ def _fidelity(root: Path, reference_ckpt: Path, weights: Path, quantized: bool, 
             ple.close()
     finally:
         bar.close()
-    return {"text": "edge_gemma/data/fidelity_heldout.txt", "tokens": len(ids), "backends": results}
+    out = {"text": "edge_gemma/data/fidelity_heldout.txt", "tokens": len(ids), "backends": results}
+    if note:
+        out["notes"] = [note]
+    return out
 
 
 def _run_exporter(name: str, job: ExportJob, writer: ArtifactWriter) -> dict[str, Any]:
@@ -318,7 +326,8 @@ def _run_exporter(name: str, job: ExportJob, writer: ArtifactWriter) -> dict[str
     fn = getattr(module, f"export_{name}", None)
     if fn is None:
         raise ExportError(f"{module.__name__} has neither export_backend(job) nor export_{name}(...)")
-    return fn(job.checkpoint, writer, context=job.context, max_prefill_chunk=job.max_prefill_chunk)
+    kwargs = {"text_only": True} if job.text_only else {}
+    return fn(job.checkpoint, writer, context=job.context, max_prefill_chunk=job.max_prefill_chunk, **kwargs)
 
 
 def backend_files(entry: dict[str, Any]) -> list[str]:
@@ -343,9 +352,11 @@ def build_artifact(
     fidelity_tokens: int = FIDELITY_TOKENS,
     name: str | None = None,
     progress: bool = True,
+    text_only: bool = False,
     on_backend_written: Callable[[str], None] | None = None,
 ) -> BuildReport:
-    """Export `checkpoint` (a directory, or `default`) to the artifact directory `out`."""
+    """Export `checkpoint` (a directory, or `default`) to the artifact directory `out`. `text_only`: no vision/audio
+    graphs (smaller, faster export); the manifest says `"text_only": true` and the runtime refuses images and audio."""
     t0 = time.perf_counter()
     backends = _check_backends(list(backends))
     ckpt = resolve_checkpoint(checkpoint)
@@ -370,6 +381,7 @@ def build_artifact(
             "prefill": {"max_chunk": max_prefill_chunk, "chunk_sizes": [1, max_prefill_chunk]},
             "stop_token_ids": sorted({*config.eos_token_id, *config.text.eos_token_id}),
             "caches": cache_layout(config, context),
+            "text_only": bool(text_only),
         })
         writer.manifest["tokenizer"] = _copy_tokenizer(writer, weights)
         writer.manifest["ple"] = _write_ple(writer.path("ple.bin"), weights, quantized, config, progress)
@@ -377,11 +389,15 @@ def build_artifact(
         for b in backends:
             job = ExportJob(config=config, checkpoint=weights, quantized=quantized, recipe=str(recipe),
                             context=context, max_prefill_chunk=max_prefill_chunk, artifact_root=writer.root,
-                            folder=b, caches=writer.manifest["caches"], progress=progress)
+                            folder=b, caches=writer.manifest["caches"], progress=progress, text_only=text_only)
             log.info("exporting %s", b)
             entry = _run_exporter(b, job, writer)
             if not isinstance(entry, dict):
                 raise ExportError(f"edge_gemma.export.{b}.export_backend returned {type(entry).__name__}, not a dict")
+            towers = [k for k in ("vision", "audio") if isinstance(entry.get("files"), dict) and entry["files"].get(k)]
+            if text_only and towers:
+                raise ExportError(f"--text-only: the {b} exporter wrote {' and '.join(towers)} graphs anyway; it does "
+                                  "not support --text-only yet (use --backends onnx)")
             entries[b] = entry
             if on_backend_written is not None:
                 on_backend_written(b)

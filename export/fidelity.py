@@ -11,7 +11,18 @@ The held-out text (`edge_gemma/data/fidelity_heldout.txt`) is a few docstrings o
 that `scripts/train_default_model.py` holds out of the embedded model's training set.
 
 Backends are driven through the `Backend` contract only (`decode` one token at a time, since `prefill` returns the
-last position's logits), so the figures describe exactly what the engine will run. No torch here.
+last position's logits), so the figures describe exactly what the engine will run. torch is imported only by
+`reference_backend`.
+
+**Bounded reference** (`reference_backend`). A float32 copy of the full E2B (text + towers, ~11 GB with the
+dequantized copy) does not fit the 8 GB export target. The held-out text needs no tower, so the reference is the
+TEXT model only; its embedding tables stay memory-mapped; a checkpoint stored in 16 bits (every Gemma 4 release, bf16)
+keeps its linear weights in that dtype and each linear upcasts its weight to float32 when it runs, so every product
+and sum is float32 and the logits equal a float32 model's (the upcast is exact); the tied head runs over the vocabulary
+in slices, so the float32 copy of the 0.4 G-value table never exists. Resident: the stored weights (E2B: 3.0 GB of
+linears + the touched pages of the 0.8 GB table), not 4 bytes per parameter. The eager model on the dequantized
+weights (`eager-dequantized`) is float32 throughout (E2B: ~9.4 GB), so `dequantized_fits` keeps it to models whose
+float32 weights fit `DEQUANTIZED_BUDGET_BYTES`; above it the figure is left out and the manifest's `notes` say why.
 """
 
 from __future__ import annotations
@@ -26,7 +37,11 @@ from edge_gemma.runtimes.base import Backend
 
 HELDOUT_FILE = Path(__file__).resolve().parents[1] / "edge_gemma" / "data" / "fidelity_heldout.txt"
 
-__all__ = ["Fidelity", "compare_logits", "heldout_text", "teacher_forced_logits"]
+__all__ = ["DEQUANTIZED_BUDGET_BYTES", "Fidelity", "compare_logits", "dequantized_fits", "heldout_text",
+           "reference_backend", "teacher_forced_logits"]
+
+DEQUANTIZED_BUDGET_BYTES = 3 * 2**30  # float32 weights of the eager-dequantized comparison (PLE table excluded)
+_HEAD_SLICE = 16384  # vocabulary rows per slice of the reference's tied head
 
 
 def heldout_text() -> str:
@@ -99,3 +114,89 @@ def compare_logits(reference: np.ndarray, test: np.ndarray, ids: Sequence[int]) 
         tokens=int(reference.shape[0]), top1_agreement=float(agree.mean()), kl_mean=float(np.maximum(kl, 0).mean()),
         kl_max=float(kl.max()), ppl_reference=ppl_ref, ppl_backend=ppl_test,
     )
+
+
+def _dequantized_values(checkpoint: Path) -> int:
+    """Values the eager-dequantized model materialises in float32: every weight (towers included, as
+    `load_eager_model` builds it) but the PLE table (`skip_ple`: its rows come from ple.bin). From config.json alone."""
+    from edge_gemma.checkpoint import params_on_meta
+    from edge_gemma.config import load_config
+    from edge_gemma.model.gemma4 import Gemma4Model
+
+    with params_on_meta():
+        model = Gemma4Model(load_config(checkpoint))
+    ple = model.language_model.embed_tokens_per_layer.weight
+    return sum(p.numel() for p in model.parameters()) - ple.numel()
+
+
+def dequantized_fits(checkpoint: str | Path) -> tuple[bool, str]:
+    """Whether the eager-dequantized comparison (float32) stays within `DEQUANTIZED_BUDGET_BYTES`, and a sentence
+    for the manifest when it does not."""
+    need = 4 * _dequantized_values(Path(checkpoint))
+    if need <= DEQUANTIZED_BUDGET_BYTES:
+        return True, ""
+    return False, (f"eager-dequantized not run: its float32 weights take {need / 2**30:.1f} GiB, over the "
+                   f"{DEQUANTIZED_BUDGET_BYTES / 2**30:.0f} GiB the export's fidelity check may use")
+
+
+def reference_backend(checkpoint: str | Path, *, context: int) -> Backend:
+    """The float reference as an `EagerBackend`, text-only and memory-bounded (see the module docstring).
+
+    Its logits equal those of `load_model(checkpoint)` in float32 (tested): a 16-bit checkpoint's linears upcast
+    their weights per call; a float32 checkpoint is loaded in float32 as it is."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from edge_gemma.checkpoint import EMBEDDING_TABLES, checkpoint_tensors, load_model
+    from edge_gemma.eager_backend import EagerBackend
+
+    path = Path(checkpoint)
+    dtypes = {info.dtype for name, info in checkpoint_tensors(path).items() if info.dtype in ("F32", "F16", "BF16")}
+    storage = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop()) if len(dtypes) == 1 else None
+    model = load_model(path, dtype=storage or torch.float32, text_only=True, mmap_embeddings=True)
+    lm = model.language_model
+    if storage is not None:
+        upcast = _upcast_linear_class()
+        tables = {id(model.get_parameter(n)) for n in EMBEDDING_TABLES}
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.__class__ = upcast  # weight stays 16-bit; float32 only while it runs
+                if module.bias is not None:
+                    module.bias.data = module.bias.data.float()
+                continue
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) not in tables:
+                    param.data = param.data.float()  # norms, scalars: small
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None and buf.is_floating_point():
+                    setattr(module, name, buf.float())
+
+        def logits(h: torch.Tensor) -> torch.Tensor:  # the tied head over the 16-bit table, a slice at a time
+            w = lm.embed_tokens.weight
+            out = torch.cat([F.linear(h, w[a:a + _HEAD_SLICE].to(h.dtype)) for a in range(0, w.shape[0], _HEAD_SLICE)],
+                            dim=-1)  # (B, S, V)
+            cap = lm.cfg.final_logit_softcapping
+            return torch.tanh(out / cap) * cap if cap is not None else out
+
+        lm.logits = logits
+    lm.setup_caches(context, dtype=torch.float32)
+    return EagerBackend(model)
+
+
+def _upcast_linear_class():
+    """`nn.Linear` whose 16-bit weight is upcast to the input's dtype per call (built lazily: no torch at import)."""
+    global _UPCAST_LINEAR
+    if _UPCAST_LINEAR is None:
+        import torch.nn.functional as F
+        from torch import nn
+
+        class UpcastLinear(nn.Linear):
+            def forward(self, x):
+                return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+        _UPCAST_LINEAR = UpcastLinear
+    return _UPCAST_LINEAR
+
+
+_UPCAST_LINEAR = None

@@ -1,10 +1,11 @@
-"""`edge-gemma export [CHECKPOINT] [--variant e2b|e4b] --quant Q [--backends onnx,litert] --out DIR`.
+"""`edge-gemma export [CHECKPOINT] [--variant e2b|e4b] --quant Q [--backends onnx,litert] --out DIR [--text-only]`.
 
 CHECKPOINT is a Hugging Face checkpoint directory, a quantized checkpoint from `edge-gemma quantize` (used as it is:
 quantization happens once), or `default` (the embedded model). `--variant` without CHECKPOINT downloads the
 variant's Hugging Face repo; with CHECKPOINT it must agree with the checkpoint's config.json; with neither, the
 embedded model is exported (export/source.py). OUT defaults to `artifacts/<name>-<quant>`. An existing OUT is
-replaced only with `--force`; an interrupted export leaves nothing at OUT.
+replaced only with `--force`; an interrupted export leaves nothing at OUT. `--text-only` leaves out the vision and
+audio encoders (the manifest says `"text_only": true`; the runtime refuses images and audio on such an artifact).
 
 `make export` calls exactly this command.
 """
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=4096, help="context length the caches hold (default 4096)")
     parser.add_argument("--prefill-chunk", type=int, default=128, help="most tokens per prefill call (default 128)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--text-only", action="store_true",
+                        help="export the text graphs only (no vision/audio encoders): smaller and faster; the "
+                             "artifact refuses images and audio")
     parser.add_argument("--no-check", action="store_true", help="skip the fidelity check against the float model")
     parser.add_argument("--fidelity-tokens", type=int, default=64, help="held-out tokens for the fidelity check")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -59,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         source.path, quant, backends, out, context=args.context,
         force=args.force, check=not args.no_check, max_prefill_chunk=args.prefill_chunk,
         fidelity_tokens=args.fidelity_tokens, name=source.name, progress=not args.no_progress,
+        text_only=args.text_only,
     )
     print(report.format())
     return 0
