@@ -135,7 +135,7 @@ def test_kotlin_validates_the_manifest_our_exporter_writes(core_classpath, tiny_
         "litertlm": bundle, "litertlm_size": (art / bundle).stat().st_size,
         "litertlm_sha256": sha256_file(art / bundle),
         "model_type": "gemma4", "stop_tokens": litert["litertlm"]["stop_tokens"],
-        "start_token": litert["litertlm"]["start_token"], "max_num_tokens": 64,
+        "start_token": litert["litertlm"]["start_token"], "max_num_tokens": litert["litertlm"]["max_num_tokens"],
         "chat_template": template, "chat_template_sha256": sha256_file(art / template),
         "files": len(manifest["files"]),
         "supports_image": manifest["model"]["config"].get("vision") is not None,

@@ -30,7 +30,8 @@ def audio_graph(tiny_checkpoints, tmp_path_factory):
     layout = write_audio_graph(em, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # the backend's encode_audio on just this session (the rest of an artifact is not needed for the audio path)
-    backend = types.SimpleNamespace(_audio=session, entry={"audio": layout})
+    backend = types.SimpleNamespace(entry={"audio": layout}, capabilities=types.SimpleNamespace(audio=True),
+                                    _tower={"audio": session}.__getitem__)
     return em, layout, session, backend
 
 
