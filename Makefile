@@ -22,10 +22,10 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	touch $(STAMP)
 
 # The README's test command. `.ci/run` calls exactly this.
-# Two workers (the machines have 2 cores; the tests run torch on one thread each); a module, or modules sharing an
-# expensive artifact, stay on one worker (tests/conftest.py). PYTEST_ARGS="-n 0" runs serially.
+# Two workers (the machines have 2 cores; the tests run torch on one thread each); each test module runs whole on one
+# worker, so its session fixtures and on-disk caches are built once. PYTEST_ARGS="-n 0" runs serially.
 test: setup
-	$(PY) -m pytest -q --durations=25 -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # The README's main command: the main job on the embedded default model. Exports it (int4, every implemented
 # backend, fidelity checked) to artifacts/default-int4/, then answers a prompt from the artifact, streamed.

@@ -21,20 +21,6 @@ except ImportError:  # the runtime-side tests run without torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). Every test module is one group, so a
-# module's session fixtures are built once; modules that share an expensive session fixture are one group, so that
-# fixture is built by one worker only.
-_SHARED_GROUPS = {
-    "test_litert.py": "litert", "test_litert_mm.py": "litert", "test_android_demo.py": "litert",
-    "test_listen.py": "embedded_onnx", "test_pi_emulated.py": "embedded_onnx",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(_SHARED_GROUPS.get(name, name)))
-
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
