@@ -24,12 +24,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_onnx import _cli, run_measured  # noqa: E402  (one copy of the measuring helpers)
 
 # Runs in a child process: LiteRT-LM on the bundle, prints one JSON line.
 _LITERT_LM = r"""
@@ -63,27 +63,6 @@ print(json.dumps({"load_s": t_load, "prompt_tokens": n_prompt, "generated_tokens
 session.close()
 engine.close()
 """
-
-
-def _cli() -> list[str]:
-    exe = Path(sys.executable).with_name("edge-gemma")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "edge_gemma.cli"]
-
-
-def run_measured(cmd: list[str], log_path: Path | None = None) -> dict:
-    """Run `cmd`; -> returncode, wall seconds, the child's peak RSS (MiB, from wait4), CPU seconds, stdout."""
-    t0 = time.perf_counter()
-    out = open(log_path, "w") if log_path else subprocess.DEVNULL
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, cwd=REPO, text=True)
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    finally:
-        if log_path:
-            out.close()
-    return {"returncode": proc.returncode, "wall_s": time.perf_counter() - t0,
-            "peak_rss_mib": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime, "stdout": stdout}
 
 
 def export(args) -> dict:
