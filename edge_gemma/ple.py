@@ -2,8 +2,16 @@
 
 The PLE table (`embed_tokens_per_layer`, [vocab, layers * P]: 2.35 G values for E2B, 2.82 G for E4B) is the largest
 tensor of the model, yet each token reads only one row of it. Every backend's decoder therefore takes the gathered
-rows as an input, and the engine reads them from this file through a numpy memmap: only the pages of the rows that
-were used become resident.
+rows as an input, and the engine reads them from this file a row at a time.
+
+How the rows are read: `os.pread` of each row's bytes (with `POSIX_FADV_RANDOM`, so the kernel does not read ahead),
+not a fault on a memory map. A mapping was the first design, and measured badly on the synthetic E2B: when the file
+sits in the page cache in large folios (right after the export wrote it, or after anything read it sequentially),
+one fault on a 8.75 KiB row mapped ~540 KiB into the process (fault-around and whole folios), so a 512-token
+generation left 6-10 % of the 2.2 GiB file resident in the process; `madvise(MADV_RANDOM)` did not change it. With
+`pread` the process maps nothing of the file and holds only the rows it copied; what stays in the (reclaimable,
+shared) page cache is measured separately by `edge-gemma bench` (mincore). `maps` still offers whole-segment numpy
+memmaps for readers of whole segments (checks, tests).
 
 Layout: raw segments, each starting on a 4096-byte page boundary, described by the manifest entry (never guessed)::
 
@@ -20,6 +28,7 @@ No torch here.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -124,21 +133,47 @@ def write_ple(
 
 
 class PleTable:
-    """Read-only view of `ple.bin`: `gather(ids) -> [S, L, P] float32` through memory maps."""
+    """Read-only view of `ple.bin`: `gather(ids) -> [S, L, P] float32`, each row read with `os.pread`."""
 
     def __init__(self, path: str | Path, entry: dict[str, Any]):
         self.path = Path(path)
         self.rows, self.num_layers, self.dim = int(entry["rows"]), int(entry["num_layers"]), int(entry["dim"])
         self.scheme = scheme_from_dict(entry["scheme"]) if entry.get("scheme") else None
         size = self.path.stat().st_size
-        self.maps: dict[str, np.ndarray] = {}
+        self._segments: dict[str, tuple[int, Any, tuple[int, ...]]] = {}
         for name, seg in entry["segments"].items():
-            dtype = _NP_DTYPES[seg["dtype"]]
+            dtype = np.dtype(_NP_DTYPES[seg["dtype"]])
             shape = tuple(int(x) for x in seg["shape"])
-            end = int(seg["offset"]) + int(np.dtype(dtype).itemsize * np.prod(shape))
+            end = int(seg["offset"]) + int(dtype.itemsize * np.prod(shape))
             if end > size:
                 raise ValueError(f"{self.path}: segment {name!r} ends at byte {end}, but the file has {size} bytes")
-            self.maps[name] = np.memmap(self.path, dtype=dtype, mode="r", offset=int(seg["offset"]), shape=shape)
+            self._segments[name] = (int(seg["offset"]), dtype, shape)
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self._maps: dict[str, np.ndarray] | None = None
+
+    @property
+    def maps(self) -> dict[str, np.ndarray]:
+        """Whole segments as read-only numpy memmaps (opened on first use; `gather` does not use them)."""
+        if self._maps is None:
+            self._maps = {name: np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+                          for name, (offset, dtype, shape) in self._segments.items()}
+        return self._maps
+
+    def _read_rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        offset, dtype, shape = self._segments[name]
+        row_bytes = int(dtype.itemsize * np.prod(shape[1:]))
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the PLE table is closed")
+        parts = []
+        for i in ids.tolist():
+            data = os.pread(self._fd, row_bytes, offset + i * row_bytes)
+            if len(data) != row_bytes:
+                raise OSError(f"{self.path}: short read of row {i} of segment {name!r} "
+                              f"({len(data)} of {row_bytes} bytes; was the file truncated?)")
+            parts.append(data)
+        return np.frombuffer(b"".join(parts), dtype=dtype).reshape(ids.size, *shape[1:])
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """Rows of the table for `ids` [S] as float32 `[S, num_layers, dim]` (unscaled)."""
@@ -146,22 +181,26 @@ class PleTable:
         if ids.size and (ids.min() < 0 or ids.max() >= self.rows):
             bad = ids[(ids < 0) | (ids >= self.rows)][0]
             raise ValueError(f"{self.path}: token id {bad} is outside the PLE table (rows 0..{self.rows - 1})")
+        unique, inverse = np.unique(ids, return_inverse=True)  # a row repeated in a prompt is read once
         if self.scheme is None:
-            rows = np.asarray(self.maps["tensor"][ids], dtype=np.float32)
+            rows = np.asarray(self._read_rows("tensor", unique), dtype=np.float32)
         else:
             stored = {}
-            for name, m in self.maps.items():
-                part = np.asarray(m[ids])
-                stored[name] = bf16_bits_to_f32(part) if m.dtype == np.uint16 else part
-            rows = self.scheme.decode(stored, (ids.size, self.num_layers * self.dim)).astype(np.float32, copy=False)
-        return rows.reshape(ids.size, self.num_layers, self.dim)
+            for name, (_, dtype, _) in self._segments.items():
+                part = self._read_rows(name, unique)
+                stored[name] = bf16_bits_to_f32(part) if dtype == np.uint16 else part
+            rows = self.scheme.decode(stored, (unique.size, self.num_layers * self.dim)).astype(np.float32, copy=False)
+        return rows[inverse.reshape(-1)].reshape(ids.size, self.num_layers, self.dim)
 
     def iter_segments(self) -> Iterator[tuple[str, np.ndarray]]:
         yield from self.maps.items()
 
     def close(self) -> None:
-        for m in self.maps.values():
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        for m in (self._maps or {}).values():
             mm = getattr(m, "_mmap", None)
             if mm is not None:
                 mm.close()
-        self.maps = {}
+        self._maps = None

@@ -73,6 +73,44 @@ def mapped_resident_bytes(path: str | Path) -> tuple[int, int] | None:
     return (rss, size) if found else None
 
 
+def page_cache_bytes(path: str | Path) -> int | None:
+    """Bytes of `path` in the kernel's page cache (mincore over a fresh mapping that touches no page), or None where
+    mmap/mincore cannot be called (not Linux or macOS)."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    size = Path(path).stat().st_size
+    if size == 0:
+        return 0
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                return None
+            import numpy as np
+
+            return int((np.frombuffer(vec, np.uint8) & 1).sum()) * page
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from ._common import open_model
 
@@ -91,10 +129,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         ple = None
         if model.artifact is not None and "ple" in model.artifact.manifest:
             ple_path = model.artifact.path(model.artifact.manifest["ple"]["file"])
+            size = ple_path.stat().st_size
             resident = mapped_resident_bytes(ple_path)
-            if resident is not None:
-                ple = {"file_bytes": ple_path.stat().st_size, "resident_bytes": resident[0],
-                       "resident_fraction": resident[0] / max(1, ple_path.stat().st_size)}
+            cached = page_cache_bytes(ple_path)
+            ple = {"file_bytes": size,
+                   # pages of ple.bin in this process's memory (0: the engine reads rows with pread, maps nothing)
+                   "resident_bytes": resident[0] if resident else 0,
+                   "resident_fraction": (resident[0] if resident else 0) / max(1, size),
+                   # pages of ple.bin in the kernel's page cache (shared, reclaimable; includes what earlier
+                   # processes read or wrote); None where mincore is not available
+                   "page_cache_bytes": cached,
+                   "page_cache_fraction": None if cached is None else cached / max(1, size)}
         return {
             "artifact": str(args.artifact), "backend": model.backend.name,
             "variant": _variant(args, model, required=False), "threads": args.threads,
@@ -168,7 +213,10 @@ def run(args: argparse.Namespace) -> int:
         if m.get("ple"):
             p = m["ple"]
             print(f"  ple.bin resident     {p['resident_bytes'] / 2**20:.4g} MiB of {p['file_bytes'] / 2**20:.4g} MiB "
-                  f"({100 * p['resident_fraction']:.2f} %)")
+                  f"({100 * p['resident_fraction']:.2f} %) in this process")
+            if p.get("page_cache_bytes") is not None:
+                print(f"  ple.bin page cache   {p['page_cache_bytes'] / 2**20:.4g} MiB "
+                      f"({100 * p['page_cache_fraction']:.2f} %, shared and reclaimable)")
         if args.budget:
             src = result["budget"].get("source", "")
             if not misses:
