@@ -3,8 +3,8 @@
 Steps, one child process each (wall time and the child's own peak RSS from `os.wait4`, as `bench_onnx.py`):
 
 1. export: `edge-gemma export CHECKPOINT --backends executorch [--quant Q] --out ARTIFACT --context C --no-check`
-   (`--text-only`: the exporter's `text_only=True`, which the CLI has no switch for; the `lowering` seconds the
-   exporter writes into the manifest split torch.export from XNNPACK lowering).
+   [--text-only] (the `lowering` seconds the exporter writes into the manifest split torch.export from XNNPACK
+   lowering).
 2. disk: bytes per top-level entry (`st_blocks`), and the `.pte` / `.ptd` sizes.
 3. bench: `edge-gemma bench ARTIFACT --backend executorch --threads T --prompt-tokens P --new-tokens N --ignore-eos
    --json`, `--runs` times in fresh processes; medians of prefill tok/s, decode tok/s, TTFT, runtime peak RSS.
@@ -30,16 +30,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_onnx import _cli, disk_usage, run_measured  # noqa: E402
 
-_TEXT_ONLY = ("import sys, edge_gemma.export.executorch_export as m; f = m.export_executorch; "
-              "m.export_executorch = lambda *a, **k: f(*a, text_only=True, **k); "
-              "from edge_gemma.cli import main; sys.exit(main(sys.argv[1:]))")
-
-
 def export(args) -> dict:
-    cli = [sys.executable, "-c", _TEXT_ONLY] if args.text_only else _cli()
-    cmd = [*cli, "export", str(args.checkpoint), "--backends", "executorch", "--out", str(args.artifact),
+    cmd = [*_cli(), "export", str(args.checkpoint), "--backends", "executorch", "--out", str(args.artifact),
            "--context", str(args.context), "--prefill-chunk", str(args.prefill_chunk), "--no-progress", "--force",
            "--no-check"]
+    if args.text_only:
+        cmd.append("--text-only")
     if not (Path(args.checkpoint) / "quant_manifest.json").is_file():
         cmd += ["--quant", args.quant]
     print("$", " ".join(cmd), flush=True)

@@ -1,21 +1,10 @@
-"""ExecuTorch export (`export/executorch*.py`, work in progress: not wired into `edge-gemma export` yet) and backend.
+"""ExecuTorch pieces that need no lowering (the end-to-end tests are in tests/test_executorch_e2e.py).
 
-What is checked here already holds; the end-to-end tests (fp32/int4/int8 `.pte` vs the eager model, greedy tokens,
-towers, no PLE table in the files) are in tests/wip_executorch_e2e.py, not collected until the exporter works.
-
-* fp32: the embedded default model (a tiny Gemma 4 with vision and audio towers) exported through `build_artifact`
-  with BOTH the onnx and executorch backends (one lowering, shared by every fp32 test): logits within 1e-4 of the
-  eager model for chunked prefill, decode and a rewind; image and audio soft tokens within 1e-4; 32 greedy tokens
-  through OUR engine equal to the eager engine's and to the ONNX artifact's.
-* int4 / int8: the `.pte` vs the eager model running the SAME torchao tensors (our integers; torchao's eager
-  `int8_asym_per_token` activation quantization is what XNNPACK's dynamically quantized GEMM computes): teacher-forced
-  top-1 agreement >= 98 % over 256 held-out tokens, logits within 0.05.
-* The torchao tensors hold the checkpoint's integers bit-exactly (codes and scales back to the stored bytes), and the
-  quantized linears were lowered as XNNPACK dynamic-quant GEMMs (no float copy of a quantized weight in the files).
-* No PLE table: neither the `.pte` nor the `.ptd` holds a tensor of the table's size, and together they are smaller
-  than the table.
-
-Lowering is slow (minutes on a loaded 2-core machine): each artifact is built once per session.
+* The torchao tensors the exporter builds hold the checkpoint's integers bit-exactly (codes and scales back to the
+  stored bytes): nothing is re-quantized.
+* `runtimes/executorch.py` imports no torch at import time.
+* The XNNPACK emulation (`export/executorch_reference.py`): the per-token activation quantization follows XNNPACK's
+  recipe, and the emulated linear equals dequantized activations times dequantized weights.
 """
 
 from __future__ import annotations
