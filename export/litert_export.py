@@ -309,7 +309,7 @@ def export_backend(job) -> dict[str, Any]:
         quant: dict[str, Any] = {"weights": "float32", "activations": "float32"}
         if job.quantized:
             quant = _export_quantized_text(job, work, out, N=N, sample=sample)
-            towers = {n for n in _tower_names(job)}
+            towers = set() if job.text_only else set(_tower_names(job))
             with job.quantized_checkpoint() as q:  # the towers only, dequantized; the text stays unmaterialised
                 model = _placeholder_model(job, q, real=towers)[0] if towers else None
         else:
@@ -329,7 +329,7 @@ def export_backend(job) -> dict[str, Any]:
             del dec, ple_table
         stage = work if job.quantized else out
         vision_patches = None
-        if cfg.vision is not None:
+        if cfg.vision is not None and not job.text_only:
             from .litert_graphs import LitertVision
 
             k = cfg.vision.pooling_kernel_size
@@ -340,7 +340,7 @@ def export_backend(job) -> dict[str, Any]:
             _convert([("vision_encoder", LitertVision(model.vision_tower, model.embed_vision), sample_v)],
                      stage / "vision.tflite")
         audio_frames = None
-        if cfg.audio is not None:
+        if cfg.audio is not None and not job.text_only:
             from edge_gemma.audio import MAX_SAMPLES, num_mel_frames
 
             from .litert_graphs import LitertAudio

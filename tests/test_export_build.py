@@ -5,6 +5,7 @@ and the CHECKPOINT / VARIANT resolution of `make export` (download path tested a
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import http.server
 import json
 import shutil
@@ -123,7 +124,8 @@ def test_inspect_shows_the_manifest_and_verify_catches_a_tampered_file(artifact,
 @pytest.fixture(scope="session")
 def text_only(tmp_path_factory):
     out = tmp_path_factory.mktemp("text_only") / "default-text"
-    r = cli("export", "default", "--out", str(out), "--quant", "int4", "--backends", "onnx", "--context", "128",
+    backends = "onnx,litert" if importlib.util.find_spec("ai_edge_litert") else "onnx"
+    r = cli("export", "default", "--out", str(out), "--quant", "int4", "--backends", backends, "--context", "128",
             "--prefill-chunk", "16", "--fidelity-tokens", "12", "--no-progress", "--text-only")
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
@@ -139,9 +141,23 @@ def test_text_only_artifact_has_no_encoders_and_says_so(text_only):
                                                                  "embedder.onnx", "embedder.onnx.data"]
     # the fidelity check still runs (bounded reference: text-only, bf16 weights upcast per call) and is reported
     fid = m["fidelity"]
-    assert fid["tokens"] == 12 and set(fid["backends"]) == {"onnx", "eager-dequantized"}
+    assert fid["tokens"] == 12 and set(fid["backends"]) >= {"onnx", "eager-dequantized"}
     assert 0.8 <= fid["backends"]["onnx"]["top1_agreement"] <= 1.0
     assert "fidelity on held-out text" in r.stdout
+
+
+def test_text_only_litert_has_no_encoders_and_says_so(text_only):
+    """--text-only is honoured by the LiteRT exporter too: no vision/audio models, no encoder sections in the bundle."""
+    pytest.importorskip("ai_edge_litert")
+    out, _ = text_only
+    m = json.loads((out / "manifest.json").read_text())
+    entry = m["backends"]["litert"]
+    assert entry["files"]["vision"] is None and entry["files"]["audio"] is None
+    assert entry["vision_patches"] is None and entry["audio_frames"] is None
+    assert not any(s.startswith(("vision", "audio")) for s in entry["litertlm"]["sections"])
+    assert sorted(p.name for p in (out / "litert").iterdir()) == [
+        "decoder.tflite", "embedder.tflite", "model.litertlm", "per_layer_embedder.tflite"]
+    assert "litert" in m["fidelity"]["backends"]
 
 
 def test_text_only_artifact_refuses_images_and_audio(text_only):
