@@ -290,27 +290,40 @@ def release_memory() -> None:
         pass
 
 
-def _fidelity(root: Path, reference_ckpt: Path, weights: Path, quantized: bool, config: ModelConfig,
-              backends: list[str], context: int, tokens: int, progress: bool) -> dict[str, Any]:
-    from edge_gemma.eager_backend import EagerBackend
-    from edge_gemma.ple import PleTable
+def _reference_logits(reference_ckpt: Path, tokenizer_dir: Path, context: int, tokens: int,
+                      progress: bool) -> tuple[list[int], np.ndarray]:
+    """The held-out ids and the float reference's teacher-forced logits `[n, V]`, computed BEFORE anything is
+    exported: the reference's weights (E2B: 4.3 GiB of mapped bf16 pages) are then never resident together with
+    what the exporters leave live (E2B: 2.7 GiB), and are released (`release_memory`) before the first step."""
     from edge_gemma.processor import Processor
-    from edge_gemma.runtimes.registry import open_backend
 
-    art = Artifact(root)
-    proc = Processor.from_dir(root / "tokenizer")
+    proc = Processor.from_dir(tokenizer_dir)
     ids = proc.tokenizer.encode(heldout_text(), add_bos=True)[: min(tokens, context)]
-    # Bounded memory (full-size targets E2B <= 8 GB, E4B <= 12 GB): a text-only reference with 16-bit weights kept
-    # 16-bit, and the float32 eager-dequantized comparison only when it fits (export/fidelity.py).
-    with_dequantized, note = dequantized_fits(weights) if quantized else (False, "")
-    runs = (1 + int(with_dequantized) + len(backends)) * len(ids)
-    bar = tqdm(total=runs, desc="fidelity", unit="tok", disable=not progress)
+    bar = tqdm(total=len(ids), desc="fidelity reference", unit="tok", disable=not progress)
     try:
         ref_backend = reference_backend(reference_ckpt, context=context)
         reference = teacher_forced_logits(ref_backend, ref_backend.ple_source().gather, ids, progress=bar.update)
         ref_backend.close()
         del ref_backend
-        release_memory()
+    finally:
+        bar.close()
+    release_memory()
+    return ids, reference
+
+
+def _fidelity(root: Path, ids: list[int], reference: np.ndarray, weights: Path, quantized: bool,
+              backends: list[str], context: int, progress: bool) -> dict[str, Any]:
+    from edge_gemma.eager_backend import EagerBackend
+    from edge_gemma.ple import PleTable
+    from edge_gemma.runtimes.registry import open_backend
+
+    art = Artifact(root)
+    # Bounded memory (full-size targets E2B <= 8 GB, E4B <= 12 GB): the reference was run before the export
+    # (`_reference_logits`), and the float32 eager-dequantized comparison runs only when it fits (export/fidelity.py).
+    with_dequantized, note = dequantized_fits(weights) if quantized else (False, "")
+    runs = (int(with_dequantized) + len(backends)) * len(ids)
+    bar = tqdm(total=runs, desc="fidelity", unit="tok", disable=not progress)
+    try:
         results: dict[str, Any] = {}
         ple = PleTable(root / art.manifest["ple"]["file"], art.manifest["ple"])
         try:
@@ -389,6 +402,14 @@ def build_artifact(
     out = Path(out)
     _check_tokenizer(ckpt)
     with ArtifactWriter(out, force=force) as writer:
+        ref_ids = ref_logits = None
+        reference = ckpt
+        if check:
+            src_manifest = ckpt / "quant_manifest.json"
+            if src_manifest.is_file():  # given a quantized checkpoint: its float source is the reference
+                src = Path(json.loads(src_manifest.read_text()).get("source", {}).get("path", ""))
+                reference = src if (src / "config.json").is_file() else ckpt
+            ref_ids, ref_logits = _reference_logits(reference, ckpt, context, fidelity_tokens, progress)
         weights, quantized, qmanifest = _prepare_source(ckpt, quant, writer.root, progress)
         recipe = (qmanifest.get("recipe") or {}).get("name", quant)
         writer.manifest.update({
@@ -423,18 +444,13 @@ def build_artifact(
                 on_backend_written(b)
         writer.manifest["backends"] = entries
         if check:
-            reference = ckpt
-            if quantized and weights == ckpt:  # given a quantized checkpoint: its float source is the reference
-                src = Path(qmanifest.get("source", {}).get("path", ""))
-                reference = src if (src / "config.json").is_file() else ckpt
             # A provisional manifest (sizes, no checksums yet) so that the runtime can open the artifact as it is.
             listed = [{"path": p.relative_to(writer.root).as_posix(), "size": p.stat().st_size, "sha256": ""}
                       for p in sorted(writer.root.rglob("*"))
                       if p.is_file() and p.name != "manifest.json" and _QUANT_TMP not in p.parts]
             writer.write_json("manifest.json", {**writer.manifest, "files": listed})
             release_memory()  # what the exporters freed, before the check loads its models
-            fidelity = _fidelity(writer.root, reference, weights, quantized, config, backends, context,
-                                 fidelity_tokens, progress)
+            fidelity = _fidelity(writer.root, ref_ids, ref_logits, weights, quantized, backends, context, progress)
             fidelity["reference"] = "float checkpoint" if reference != weights or not quantized else \
                 "dequantized checkpoint (the float source was not found)"
             writer.manifest["fidelity"] = fidelity
