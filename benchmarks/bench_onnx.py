@@ -8,14 +8,18 @@ Steps (each is skipped when its `--skip-*` flag is given):
 2. disk: the bytes each file of the artifact takes (`st_blocks`, like `du`), per top-level entry and in total.
 3. bench: `edge-gemma bench ARTIFACT --threads T --prompt-tokens P --new-tokens N --ignore-eos --json`, `--runs`
    times, each in a fresh process; the medians of prefill tok/s, decode tok/s, TTFT, runtime peak RSS and the
-   resident bytes of the memory-mapped `ple.bin` after the generation (from /proc/self/smaps inside the bench).
+   PLE figures after the generation: the bytes of `ple.bin` mapped into the bench process (/proc/self/smaps; 0, the
+   engine reads rows with pread) and the bytes of it in the page cache (mincore). Before each run `ple.bin` is evicted
+   from the page cache (`posix_fadvise(POSIX_FADV_DONTNEED)`, no root needed; `--warm-ple` keeps it), so the page
+   cache figure is what that generation read.
 4. profile (`--profile`): ONNX Runtime's profiler (`SessionOptions.enable_profiling`) on the decoder graph, one
    prefill chunk and a few decode steps, with zero caches (the cost does not depend on the cache contents, only on
    how many slots are passed: all `context` for graphs with a fixed slot count, else the slots in use rounded up to
    the runtime's bucket, as `runtimes/onnx.py` binds them); prints the operators that take the most time, by op
    type and by node.
 
-Everything goes to `--results FILE` (JSON) and a summary to stdout. The page cache is not dropped (that needs root).
+Everything goes to `--results FILE` (JSON) and a summary to stdout. The page cache is not dropped (that needs root),
+except `ple.bin`'s pages (see 3).
 
 Usage (`make bench-onnx CHECKPOINT=/work/synthetic/e2b`):
     python benchmarks/bench_onnx.py --checkpoint /work/synthetic/e2b --artifact artifacts/e2b-int4 \
@@ -71,21 +75,15 @@ def disk_usage(root: Path) -> dict:
     return {"total_bytes": total, "entries": dict(sorted(per.items()))}
 
 
-# `--text-only`: the ONNX exporter's own `text_only=True` (embedder + decoder graphs, no vision/audio tower), which the
-# CLI has no switch for yet. At full size the audio graph's `torch.export` did not finish in 22 minutes (benchmarks/README.md).
-_TEXT_ONLY = ("import sys, edge_gemma.export.onnx as m; f = m.export_onnx; "
-              "m.export_onnx = lambda *a, **k: f(*a, text_only=True, **k); "
-              "from edge_gemma.cli import main; sys.exit(main(sys.argv[1:]))")
-
-
 def export(args) -> dict:
-    cli = [sys.executable, "-c", _TEXT_ONLY] if args.text_only else _cli()
-    cmd = [*cli, "export", str(args.checkpoint), "--backends", "onnx", "--out", str(args.artifact),
+    cmd = [*_cli(), "export", str(args.checkpoint), "--backends", "onnx", "--out", str(args.artifact),
            "--context", str(args.context), "--no-progress", "--force"]
     if not (Path(args.checkpoint) / "quant_manifest.json").is_file():
         cmd += ["--quant", args.quant]
     if args.no_check:
         cmd.append("--no-check")
+    if args.text_only:
+        cmd.append("--text-only")
     print("$", " ".join(cmd), flush=True)
     r = run_measured(cmd, Path(args.results).with_suffix(".export.log"))
     r["command"] = " ".join(cmd)
@@ -102,6 +100,8 @@ def bench(args) -> dict:
     print("$", " ".join(cmd), flush=True)
     runs = []
     for i in range(args.runs):
+        if not args.warm_ple:
+            evict_from_page_cache(Path(args.artifact) / "ple.bin")
         r = run_measured(cmd, Path(args.results).with_suffix(f".bench{i}.log"))
         if r["returncode"] != 0:
             raise SystemExit(f"bench failed (status {r['returncode']}); see the .bench{i}.log next to {args.results}")
@@ -111,9 +111,10 @@ def bench(args) -> dict:
         runs.append(m)
         ple = m.get("ple") or {}
         print(f"  run {i + 1}: prefill {m['prefill_tok_s']:.1f} tok/s, decode {m['decode_tok_s']:.2f} tok/s, "
-              f"TTFT {m['ttft_s']:.2f} s, peak RSS {m['peak_rss_mb'] / 1024:.2f} GiB, ple.bin resident "
-              f"{ple.get('resident_bytes', 0) / 2**20:.2f} MiB ({100 * ple.get('resident_fraction', 0):.3f} %)",
-              flush=True)
+              f"TTFT {m['ttft_s']:.2f} s, peak RSS {m['peak_rss_mb'] / 1024:.2f} GiB, ple.bin in the process "
+              f"{ple.get('resident_bytes', 0) / 2**20:.2f} MiB ({100 * ple.get('resident_fraction', 0):.3f} %), "
+              f"in the page cache {(ple.get('page_cache_bytes') or 0) / 2**20:.2f} MiB "
+              f"({100 * (ple.get('page_cache_fraction') or 0):.3f} %)", flush=True)
 
     def med(key, sub=None):
         vals = [(r.get(key) or {}).get(sub) if sub else r.get(key) for r in runs]
@@ -123,7 +124,21 @@ def bench(args) -> dict:
     return {"command": " ".join(cmd), "runs": runs, "median": {
         "prefill_tok_s": med("prefill_tok_s"), "decode_tok_s": med("decode_tok_s"), "ttft_s": med("ttft_s"),
         "peak_rss_mb": med("peak_rss_mb"), "ple_resident_bytes": med("ple", "resident_bytes"),
-        "ple_resident_fraction": med("ple", "resident_fraction"), "ple_file_bytes": med("ple", "file_bytes")}}
+        "ple_resident_fraction": med("ple", "resident_fraction"), "ple_file_bytes": med("ple", "file_bytes"),
+        "ple_page_cache_bytes": med("ple", "page_cache_bytes"),
+        "ple_page_cache_fraction": med("ple", "page_cache_fraction")}}
+
+
+def evict_from_page_cache(path: Path) -> None:
+    """Drop `path`'s clean pages from the page cache (POSIX_FADV_DONTNEED), so a run starts with the file cold."""
+    if not path.is_file() or not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def profile(args) -> dict:
@@ -219,6 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-export", action="store_true", help="measure an existing artifact")
+    ap.add_argument("--warm-ple", action="store_true", help="do not evict ple.bin from the page cache before a run")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also profile the decoder graph with ORT's profiler")
     ap.add_argument("--profile-steps", type=int, default=5)

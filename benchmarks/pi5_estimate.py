@@ -6,14 +6,14 @@ Why an estimate: the emulated Pi (scripts/pi_emulation.py, qemu-user) proves the
 speed (qemu is 10-50x slower than the real core). So the figures come from two independent views, and the smaller
 (slower) one wins:
 
-1. **Compute scaling from x86 measurements** (benchmarks/README.md, "ONNX Runtime on the synthetic E2B/E4B": E2B
-   int4, 2 threads, context 4096, prefill 27.7 tok/s median / 38.3 best, decode 2.94 / 4.65 tok/s). The MACs of one
+1. **Compute scaling from x86 measurements** (benchmarks/README.md, "Full-size figures on an idle machine": E2B
+   int4, 2 threads, context 4096, prefill 163.5 tok/s median / 165.9 best, decode 11.84 / 13.64 tok/s). The MACs of one
    step come from the E2B config (edge_gemma/data/configs); x86 effective GMAC/s = measured tok/s x MACs per token;
    the Pi's = that x (4 Pi cores / 2 x86 threads) x PER-CORE RATIO x thread scaling, then divided by the MACs per
    token of the Pi's run.
 2. **Memory-bandwidth bound for decode**: every decode step streams the whole decoder weight file (int4 block 32
-   with float32 scales, plus the int8 tied head: decoder.onnx.data = 1.55 GiB measured) and reads every KV-cache slot
-   (the graph attends over all `context` slots: benchmarks/README.md, "Where the time goes"), so tok/s <=
+   with float32 scales, plus the int8 tied head: decoder.onnx.data = 1.55 GiB measured) and reads the KV-cache
+   slots in use (the graph is given only those), so tok/s <=
    efficiency x bandwidth / bytes per token.
 
 A third, rougher view is printed as a cross-check: our speed relative to llama.cpp / LiteRT-LM on the same x86
@@ -47,18 +47,19 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class X86Measured:
-    """benchmarks/README.md, "ONNX Runtime on the synthetic E2B/E4B": `bench_onnx.py --artifact e2b-int4-text
-    --runs 3 --threads 2 --prompt-tokens 512 --new-tokens 128`, onnxruntime 1.32.0, a 2-core Xeon VM (AVX-512 VNNI,
-    2.6 GHz) shared with other jobs (load average 2-7): the median is a lower bound, the best run the closest to
-    idle."""
+    """benchmarks/README.md, "Full-size figures on an idle machine": `bench_onnx.py --artifact e2b-int4 --skip-export
+    --runs 3` (512-token prompt, 128 new tokens, 2 threads), onnxruntime 1.32.0, the 2-core Xeon VM (AVX-512 VNNI,
+    2.6 GHz) with nothing else running; the graph attends over the cache slots in use (buckets of 64)."""
 
     threads: int = 2
     context: int = 4096
     prefill_chunk: int = 128
-    prefill_tok_s_median: float = 27.7
-    prefill_tok_s_best: float = 38.3
-    decode_tok_s_median: float = 2.94
-    decode_tok_s_best: float = 4.65
+    prompt_tokens: int = 512
+    new_tokens: int = 128
+    prefill_tok_s_median: float = 163.5
+    prefill_tok_s_best: float = 165.9
+    decode_tok_s_median: float = 11.84
+    decode_tok_s_best: float = 13.64
     decoder_data_bytes: float = 1.55 * GIB  # `du` of decoder.onnx.data (benchmarks/README.md "Disk")
 
 
@@ -185,26 +186,34 @@ def voice_prompt_tokens(seconds: float, system: str | None) -> int:
 
 def estimate(scenario: Scenario, *, x86: X86Measured, costs: TextCosts, audio_macs: float, prompt_tokens: int,
              context: int) -> dict:
-    def per_token(ctx: int) -> float:  # decode step: every linear, the head, attention over all ctx slots
-        return costs.linear_macs + costs.head_macs + ctx * costs.attention_macs_per_slot
+    def per_token(slots: float) -> float:  # decode step: every linear, the head, attention over the slots in use
+        return costs.linear_macs + costs.head_macs + slots * costs.attention_macs_per_slot
 
-    def per_prefill_token(ctx: int, chunk: int) -> float:  # the head runs once per chunk
-        return costs.linear_macs + costs.head_macs / chunk + ctx * costs.attention_macs_per_slot
+    def per_prefill_token(slots: float, chunk: int) -> float:  # the head runs once per chunk
+        return costs.linear_macs + costs.head_macs / chunk + slots * costs.attention_macs_per_slot
+
+    # Slots attended on average: a decode step at position p reads ~p slots; a prefill chunk starting at p reads
+    # p + chunk. (The graph passes only the slots in use, rounded up to 64: runtimes/onnx.py CACHE_BUCKET.)
+    x86_decode_slots = x86.prompt_tokens + x86.new_tokens / 2
+    x86_prefill_slots = x86.prompt_tokens / 2 + x86.prefill_chunk / 2
+    answer_tokens = 128
+    decode_slots = min(context, prompt_tokens + answer_tokens / 2)
+    prefill_slots = min(context, prompt_tokens / 2 + x86.prefill_chunk / 2)
 
     pi_over_x86 = scenario.cores * scenario.per_core_ratio * scenario.thread_scaling / x86.threads
     best = scenario.x86_figures == "best"
     x86_decode = x86.decode_tok_s_best if best else x86.decode_tok_s_median
     x86_prefill = x86.prefill_tok_s_best if best else x86.prefill_tok_s_median
-    decode_gmacs = x86_decode * per_token(x86.context) * pi_over_x86 / 1e9
-    prefill_gmacs = x86_prefill * per_prefill_token(x86.context, x86.prefill_chunk) * pi_over_x86 / 1e9
+    decode_gmacs = x86_decode * per_token(x86_decode_slots) * pi_over_x86 / 1e9
+    prefill_gmacs = x86_prefill * per_prefill_token(x86_prefill_slots, x86.prefill_chunk) * pi_over_x86 / 1e9
 
-    decode_compute = decode_gmacs * 1e9 / per_token(context)
-    bytes_per_token = x86.decoder_data_bytes + context * costs.kv_bytes_per_slot
+    decode_compute = decode_gmacs * 1e9 / per_token(decode_slots)
+    bytes_per_token = x86.decoder_data_bytes + decode_slots * costs.kv_bytes_per_slot
     decode_bandwidth = scenario.efficiency * scenario.bandwidth_gbs * 1e9 / bytes_per_token
     decode = min(decode_compute, decode_bandwidth)
 
     chunks = math.ceil(prompt_tokens / x86.prefill_chunk)
-    prefill_macs = (prompt_tokens * (costs.linear_macs + context * costs.attention_macs_per_slot)
+    prefill_macs = (prompt_tokens * (costs.linear_macs + prefill_slots * costs.attention_macs_per_slot)
                     + chunks * costs.head_macs)
     prefill_s = prefill_macs / (prefill_gmacs * 1e9)
     audio_s = audio_macs / (prefill_gmacs * 1e9)
