@@ -48,8 +48,9 @@ GIB = 1024**3
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class X86Measured:
     """benchmarks/README.md, "Full-size figures on an idle machine": `bench_onnx.py --artifact e2b-int4 --skip-export
-    --runs 3` (512-token prompt, 128 new tokens, 2 threads), onnxruntime 1.32.0, the 2-core Xeon VM (AVX-512 VNNI,
-    2.6 GHz) with nothing else running; the graph attends over the cache slots in use (buckets of 64)."""
+    --runs 3` (512-token prompt, 128 new tokens, 2 threads), onnxruntime 1.32.0, a 2-core AMD EPYC VM (AVX-512
+    VNNI) with nothing else running; the graph attends over the cache slots in use (buckets of 64). The per-core
+    ratios below were reasoned against the Intel Xeon VM of the earlier figures (AVX-512 VNNI, 2.6 GHz)."""
 
     threads: int = 2
     context: int = 4096

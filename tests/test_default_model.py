@@ -210,8 +210,8 @@ def test_first_twenty_steps_reproduce_recorded_losses(trainer, report, data):
     recorded = report["first_step_losses"]
     assert len(recorded) == 20
     losses = trainer.first_step_losses(20, DEFAULT, data=data)
-    # The recorded losses come from one x86 CPU (a Xeon with AVX-512); on another ISA (an AVX2 EPYC) torch's kernels
-    # sum in another order. Measured there: steps 0 and 1 agree to 3e-6, then Adam, which normalises the gradients,
+    # The recorded losses come from one x86 CPU (an Intel Xeon VM); on another (an AMD EPYC VM, both with AVX-512)
+    # torch's kernels sum in another order. Measured there: steps 0 and 1 agree to 3e-6, then Adam, which normalises the gradients,
     # amplifies the ulp differences: 1.5e-4 at step 2, at most 0.54 % by step 19. So steps 0-1 are checked tightly
     # (a change of data, tokenizer, initialisation, model or learning rate moves them by far more than 1e-5: one
     # Adam step moves the loss by 6e-4 relative) and the later steps within 2 %.
