@@ -246,7 +246,11 @@ def _teacher_forced(lm, be: OnnxBackend, ids: torch.Tensor, *, shared_history: b
 def test_quantized_teacher_forced_agreement(recipe, quantized_default, request):
     """The emulation (`emulate_activation_quant`) rounds activations exactly as MLAS does (see
     test_matmulnbits_node_computes_the_numpy_reference), so what is left is float noise in the other operators (ORT
-    vs torch kernels, ~1 ulp) that now and then puts an activation on the other side of an int8 rounding boundary."""
+    vs torch kernels, ~1 ulp) that now and then puts an activation on the other side of an int8 rounding boundary.
+
+    The issue's "logits within 0.05" is asserted position by position with both runtimes on the same history; with
+    each runtime on its own caches a flipped code at position p also moves every later position (measured: max
+    0.055-0.059, median ~0.015), so there the bounds are looser."""
     artifact = request.getfixturevalue(f"{recipe}_artifact")
     lm = _eager_quantized(quantized_default[recipe], CONTEXT_Q)
     ids = torch.tensor([_heldout_ids()])
@@ -258,11 +262,11 @@ def test_quantized_teacher_forced_agreement(recipe, quantized_default, request):
         print(f"{recipe} ({'shared' if shared else 'own'} history): top-1 agreement {agree:.3f}, max |logit diff| "
               f"{diff.max():.3g}, 99th percentile {np.percentile(diff, 99):.3g}, median {np.median(diff):.2e}")
         assert agree >= 0.98
-        assert diff.max() <= 0.1  # one flipped code in the int8 head input moves the logits by up to ~0.07
-        if shared:  # the issue's 0.05 at 99 % of the positions; median ~3e-6: the rounding itself is exact
-            assert np.percentile(diff, 99) <= 0.05
-            assert np.median(diff) <= 1e-4
-        else:  # each runtime with its own caches: a flipped code at position p also moves every later position
+        if shared:  # int8 activation blocks of 32 (export/onnx_ops.int8_block_size): max 0.043 (int4), 0.047 (int8)
+            assert diff.max() <= 0.05
+            assert np.median(diff) <= 1e-4  # the rounding itself is reproduced exactly
+        else:
+            assert diff.max() <= 0.1
             assert np.median(diff) <= 0.05
 
 
