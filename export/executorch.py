@@ -46,11 +46,10 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
     to ExecuTorch's portable kernels, fp32 and quantized alike. Measured on the embedded model, int4, 256 held-out
     tokens against the XNNPACK-emulated eager model: delegated, median |logit diff| 0.024 at every position (position
     0 included, so not a cache effect); precise, median 2.9e-6 (the int8 activation rounding is then reproduced
-    exactly). The price is lowering time on big models: every excluded op splits the XNNPACK delegate, and
-    ExecuTorch recompiles the whole graph module for each partition it cuts out (quadratic): the full-size E2B's
-    text methods were still being partitioned after 25 minutes. `export_backend` therefore reads
-    `EDGE_GEMMA_EXECUTORCH_PRECISE=0` to delegate everything (fast lowering and runtime, logits a few hundredths
-    off the emulated eager model)."""
+    exactly). Every excluded op splits the XNNPACK delegate, so there are many partitions; ExecuTorch used to sort
+    and recompile the whole method once per partition (quadratic), which `executorch_lower` now does once per
+    method: the full-size E2B's text methods lower in ~14 minutes. `EDGE_GEMMA_EXECUTORCH_PRECISE=0` delegates
+    everything (fewer partitions; logits a few hundredths off the emulated eager model)."""
     from .onnx_graphs import AudioGraph, VisionGraph
 
     if context < 2:

@@ -26,6 +26,13 @@ Partitioners: `XnnpackDynamicallyQuantizedPartitioner` (the 8da4w / 8da8w linear
 `precise=True` (what the exporter uses) XNNPACK's transcendental kernels (gelu, tanh, exp, softmax, sin/cos, pow,
 rsqrt, ...) are left to the portable kernels: XNNPACK's approximations moved the tiny model's fp32 logits by ~3e-3
 (precise: ~1e-5) and its int4 logits by a median 0.024 against the emulated eager model (precise: 3e-6).
+
+Lowering a full-size model: three patches of ExecuTorch's lowering, each a context manager below, active only inside
+`lower_program`: `_short_provenance` (provenance chains copied by every pass), `_one_sort_per_program` (one
+topological sort and one recompile per method instead of one per partition: lowering was quadratic in the layer
+count) and `_share_weights_in_preprocess` (the per-partition copies handed to XNNPACK share the weight tensors).
+Full-size E2B, int4, text methods: the lowering did not finish in 25-32 minutes at 11.4-11.8 GiB before; now the
+whole export takes 16 minutes at 7.49 GiB peak RSS (`benchmarks/README.md`).
 """
 
 from __future__ import annotations
@@ -73,6 +80,82 @@ def _short_provenance():
         fx_traceback.NodeSource.__init__ = original
 
 
+@contextlib.contextmanager
+def _one_sort_per_program():
+    """Sort and recompile the top-level graph module once per program instead of once per partition.
+
+    ExecuTorch cuts each delegate partition out of a method's graph with `create_submodule_from_nodes`, which ends in
+    `legalize_graph`: a topological sort that copies EVERY node of the method into a new graph, then
+    `GraphModule.recompile()`, which generates and compiles the Python code of the whole method. A decoder layer has
+    several cut points (the KV-cache update is not delegated; with `precise` every transcendental op is one too), so
+    lowering was quadratic in the layer count: py-spy on the full-size E2B showed most of 25+ minutes there.
+
+    Here the partitions are cut with `skip_legalize_graph=True` and the top-level module's recompilation is
+    deferred; after the last cut, one stable topological sort (torch.fx's own `fuse_by_partitions` also sorts once,
+    after fusing all its partitions), a lint and one recompile. The sort is inductor's in-place one, which moves
+    nodes instead of copying them (the caller holds the call_module nodes it returns); nothing runs the top-level
+    module between two cuts. (torch.fx's
+    lazy recompilation would defer every module's code generation, and breaks an XNNPACK pass.)"""
+    from executorch.exir.backend import backend_api
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    original_create = backend_api._create_partitions_in_graph_module
+    original_cut = backend_api.create_submodule_from_nodes
+
+    def cut(gm, node_list, tag, skip_legalize_graph=False):
+        return original_cut(gm, node_list, tag, skip_legalize_graph=True)
+
+    def create(tagged_graph_module, *args, **kwargs):
+        gm = tagged_graph_module
+        gm.recompile = lambda: None  # an instance attribute shadows GraphModule.recompile, also in the graph setter
+        try:
+            result = original_create(gm, *args, **kwargs)
+            stable_topological_sort(gm.graph)
+            gm.graph.lint()
+            return result
+        finally:
+            del gm.recompile
+            gm.recompile()
+
+    backend_api._create_partitions_in_graph_module = create
+    backend_api.create_submodule_from_nodes = cut
+    try:
+        yield
+    finally:
+        backend_api._create_partitions_in_graph_module = original_create
+        backend_api.create_submodule_from_nodes = original_cut
+
+
+@contextlib.contextmanager
+def _share_weights_in_preprocess():
+    """Hand XNNPACK's preprocessing a copy of each partition that SHARES the weight tensors.
+
+    `lower_all_submodules_to_backend` deep-copies every partition of every method (weights included) before the
+    backend preprocesses it, all at once: a whole second copy of the model's weights per method. On the full-size E2B
+    (prefill and decode share their weights) that was +5 GB of the 11 GiB peak. XNNPACK's preprocessing reads the
+    constants and serializes converted copies; it never writes to them, so the copy keeps the graph and the state-dict
+    mapping independent but memoizes the tensors (what ExecuTorch's own CUDA backend does in its low-memory mode)."""
+    import copy
+
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    def copy_for_preprocess(cls, edge_program, compile_specs):
+        memo = {id(t): t for values in (edge_program.state_dict, edge_program.constants)
+                for t in values.values() if isinstance(t, torch.Tensor)}
+        return copy.deepcopy(edge_program, memo)
+
+    had_own = "copy_exported_program_for_preprocess" in vars(XnnpackBackend)
+    original = vars(XnnpackBackend).get("copy_exported_program_for_preprocess")
+    XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_for_preprocess)
+    try:
+        yield
+    finally:
+        if had_own:
+            XnnpackBackend.copy_exported_program_for_preprocess = original
+        else:
+            del XnnpackBackend.copy_exported_program_for_preprocess
+
+
 def _tag(node) -> str | None:
     """External-file tag of a constant, or None to keep it in the `.pte`.
 
@@ -110,7 +193,7 @@ def lower_program(methods: dict[str, tuple[nn.Module, tuple, Any]], out_dir: Pat
                   name: str = "model") -> dict[str, Any]:
     """Export every method `{name: (module, example args, dynamic_shapes)}`, lower them together and write
     `out_dir/<name>.pte` and `out_dir/model.ptd`. Returns timings and file names."""
-    with _short_provenance():
+    with _short_provenance(), _one_sort_per_program(), _share_weights_in_preprocess():
         return _lower(methods, out_dir, precise=precise, name=name)
 
 

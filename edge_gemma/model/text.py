@@ -123,11 +123,17 @@ class TextAttention(nn.Module):
         else:
             assert shared_kv is not None, f"layer {self.layer} shares K/V but none was given"
             k, v = shared_kv
+        # Grouped-query attention without copying K/V once per query head (`repeat_interleave`): the `rep` query
+        # heads that read KV head j (heads j*rep .. j*rep + rep-1, the repeat_interleave layout) become rows of one
+        # batch entry. Same math per head; in an exported program the copies were most of a decode step (ExecuTorch,
+        # full-size E2B: 8 x 4096 x 256 floats of K and of V per layer per token).
         rep = self.n_heads // self.n_kv_heads
-        kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, nh, T, hd)
-        vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-        out = F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=1.0)
-        out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # (B, S, nh*hd)
+        qg = q.reshape(B, self.n_kv_heads, rep * S, self.head_dim)
+        if rep > 1:
+            b, _, _, T = mask.shape
+            mask = mask.unsqueeze(2).expand(b, 1, rep, S, T).reshape(b, 1, rep * S, T)
+        out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=1.0)
+        out = out.reshape(B, self.n_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
         return self.o_proj(out), (k, v)
 
 
