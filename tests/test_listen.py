@@ -496,9 +496,13 @@ def test_listen_device_errors_are_clear(artifact, speech, tmp_path):
 def test_listen_ctrl_c_exits_cleanly(artifact, speech, tmp_path):
     home = _mic_home(tmp_path, speech["two"]["wav"].with_suffix(".raw"))
     env = {**cli_env(), "HOME": str(home)}
+    # A terminal's Ctrl-C: SIGINT at its default disposition in the child. A test run started as a background job of
+    # a non-interactive shell (`cmd &`) inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt
+    # handler at all: the listen loop would just go on (seen once, 2026-12-04).
     proc = subprocess.Popen([sys.executable, "-m", "edge_gemma.cli", "listen", str(artifact), "--device", "filemic",
                              "--max-new-tokens", "4"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stdout.readline()  # an answer has streamed: the loop is running
         proc.send_signal(signal.SIGINT)
