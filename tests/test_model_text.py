@@ -285,3 +285,45 @@ def test_sliding_ring_buffer(pair, tiny_checkpoints, variant):
         assert (got - expected).abs().max().item() <= 5e-4
         with pytest.raises(ValueError, match="exceeds the sliding ring's capacity"):
             lm(embeds[:, :cap + 1], rows[:, :cap + 1], torch.arange(cap + 1))
+
+
+def test_e4b_attention_layout_exports_with_a_dynamic_sequence_length():
+    """E4B has 8 query heads over 2 KV heads; the grouped-query attention's reshapes must not make torch.export
+    specialise the sequence length (they did once: "Constraints violated (seq)" in the ExecuTorch export of E4B)."""
+    import json
+    from pathlib import Path
+
+    from edge_gemma.config import parse_config
+    from edge_gemma.model.text import TextDecoder
+
+    d = json.loads((Path(__file__).resolve().parents[1] / "edge_gemma/data/configs/gemma-4-E4B-it.config.json")
+                   .read_text())
+    t = d["text_config"]
+    t.update(hidden_size=64, intermediate_size=128, hidden_size_per_layer_input=8, head_dim=16, global_head_dim=32,
+             num_hidden_layers=6, num_kv_shared_layers=2, vocab_size=512, vocab_size_per_layer_input=512,
+             layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+             per_layer_config={"02": {"head_dim": 32}, "05": {"head_dim": 32}})
+    cfg = parse_config(d).text
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (8, 2)
+    lm = TextDecoder(cfg, max_len=64).eval()
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, e, r, p):
+            return self.lm(e, r, p, last_only=True)
+
+    seq = torch.export.Dim("seq", min=1, max=32)
+    args = (torch.randn(1, 3, 64), torch.randn(1, 3, 6, 8), torch.arange(3))
+    with torch.no_grad():
+        ep = torch.export.export(Step(), args, dynamic_shapes=({1: seq}, {1: seq}, {0: seq}), strict=False)
+        for s in (1, 5):  # the exported program runs at other lengths and agrees with eager
+            for cache in lm.kv_caches:
+                cache.reset()
+            a = (torch.randn(1, s, 64), torch.randn(1, s, 6, 8), torch.arange(s))
+            want = Step()(*a)
+            for cache in lm.kv_caches:
+                cache.reset()
+            torch.testing.assert_close(ep.module()(*a), want, rtol=1e-5, atol=1e-5)

@@ -133,7 +133,10 @@ class TextAttention(nn.Module):
             b, _, _, T = mask.shape
             mask = mask.unsqueeze(2).expand(b, 1, rep, S, T).reshape(b, 1, rep * S, T)
         out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=1.0)
-        out = out.reshape(B, self.n_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
+        # (B, nkv, rep*S, hd) -> (B, S, nh*hd) through an explicit 5-D view: reshaping to (B, nh, S, hd) directly asks
+        # torch.export to split rep*S for a dynamic S and fails (E4B, 2 KV heads: "Constraints violated (seq)")
+        out = out.view(B, self.n_kv_heads, rep, S, self.head_dim).permute(0, 3, 1, 2, 4)
+        out = out.reshape(B, S, self.n_heads * self.head_dim)
         return self.o_proj(out), (k, v)
 
 
