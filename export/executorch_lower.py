@@ -94,8 +94,8 @@ def _one_sort_per_program():
     deferred; after the last cut, one stable topological sort (torch.fx's own `fuse_by_partitions` also sorts once,
     after fusing all its partitions), a lint and one recompile. The sort is inductor's in-place one, which moves
     nodes instead of copying them (the caller holds the call_module nodes it returns); nothing runs the top-level
-    module between two cuts. (torch.fx's
-    lazy recompilation would defer every module's code generation, and breaks an XNNPACK pass.)"""
+    module between two cuts. (torch.fx's lazy recompilation would defer every module's code generation, and breaks
+    an XNNPACK pass.)"""
     from executorch.exir.backend import backend_api
     from torch._inductor.pattern_matcher import stable_topological_sort
 
@@ -144,16 +144,15 @@ def _share_weights_in_preprocess():
                 for t in values.values() if isinstance(t, torch.Tensor)}
         return copy.deepcopy(edge_program, memo)
 
-    had_own = "copy_exported_program_for_preprocess" in vars(XnnpackBackend)
-    original = vars(XnnpackBackend).get("copy_exported_program_for_preprocess")
+    own = vars(XnnpackBackend).get("copy_exported_program_for_preprocess")  # None: inherited from BackendDetails
     XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_for_preprocess)
     try:
         yield
     finally:
-        if had_own:
-            XnnpackBackend.copy_exported_program_for_preprocess = original
-        else:
+        if own is None:
             del XnnpackBackend.copy_exported_program_for_preprocess
+        else:
+            XnnpackBackend.copy_exported_program_for_preprocess = own
 
 
 def _tag(node) -> str | None:
