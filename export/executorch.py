@@ -1,11 +1,13 @@
-"""ExecuTorch exporter: one `.pte` (embed, prefill, decode, reset, vision, audio methods) lowered to XNNPACK, weights in
-an external `.ptd`, the PLE table left out (the engine feeds its rows from the artifact's `ple.bin`), the KV caches
-planned memory shared by prefill/decode/reset (nothing serialized for them; the runtime calls `reset` after loading).
+"""ExecuTorch exporter: one `.pte` (embed, prefill, decode, reset, load_caches, vision, audio methods) lowered to
+XNNPACK, weights in an external `.ptd`, the PLE table left out (the engine feeds its rows from the artifact's `ple.bin`), the KV caches
+planned memory shared by prefill/decode/reset/load_caches (nothing serialized for them; the runtime calls `reset` after
+loading; `load_caches` lets tests and applications put them in a known state).
 
 Entry point for `export/build.py`: `export_backend(job) -> manifest entry`::
 
     {"files": {"program": "executorch/model.pte", "data": "executorch/model.ptd"},
-     "methods": {"embed": ..., "prefill": ..., "decode": ..., "reset": ..., "vision": ... | None, "audio": ... | None},
+     "methods": {"embed": ..., "prefill": ..., "decode": ..., "reset": ..., "load_caches": ...,
+                 "vision": ... | None, "audio": ... | None},
      "context": T, "max_prefill_chunk": C, "hidden_size": H, "vocab_size": V, "ple": {"num_layers": L, "dim": P},
      "caches": "mutable buffers layers.<i>.self_attn.kv_cache.{k,v}_cache, shared by prefill and decode",
      "quantization": {"linear": "8da4w/8da8w (XNNPACK dynamic quant)" | "float", "embedding": label,
@@ -26,7 +28,16 @@ from typing import Any
 import torch
 
 from .executorch_lower import lower_program
-from .executorch_model import CacheReset, DecoderMethod, EmbedMethod, ExecutorchExportError, Scoped, load_et_model
+from .executorch_model import (
+    CacheLoad,
+    CacheReset,
+    DecoderMethod,
+    EmbedMethod,
+    ExecutorchExportError,
+    Scoped,
+    cache_buffers,
+    load_et_model,
+)
 
 __all__ = ["ExecutorchExportError", "export_backend", "export_executorch"]
 
@@ -68,6 +79,8 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
                     ({1: seq}, {1: seq}, {0: seq})),
         "decode": (decoder, (torch.zeros(1, 1, H), torch.zeros(1, 1, L, P), torch.arange(1)), None),
         "reset": (CacheReset(em.model.language_model).eval(), (), None),
+        "load_caches": (CacheLoad(em.model.language_model).eval(),
+                        tuple(torch.zeros_like(b) for _, b in cache_buffers(em.model.language_model)), None),
     }
     info: dict[str, Any] = {"vision": None, "audio": None}
     if cfg.vision is not None and em.model.vision_tower is not None:
@@ -104,6 +117,8 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
                     "prefill": {"inputs": ["inputs_embeds", "ple_rows", "positions"], "outputs": ["logits"]},
                     "decode": {"inputs": ["inputs_embeds", "ple_rows", "positions"], "outputs": ["logits"]},
                     "reset": {"inputs": [], "outputs": ["zeros"], "call": "once after load: zeros the KV caches"},
+                    "load_caches": {"inputs": [n for n, _ in cache_buffers(em.model.language_model)],
+                                    "outputs": ["zeros"], "call": "optional: overwrites the KV caches"},
                     **info},
         "context": context,
         "max_prefill_chunk": chunk,

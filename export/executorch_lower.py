@@ -6,15 +6,16 @@ Methods of `executorch/model.pte` (batch 1 inside; the runtime passes the shapes
   prefill  inputs_embeds [1,S,H], ple_rows [1,S,L,P], positions [S] -> logits [1, V]   (S dynamic, 1..chunk)
   decode   the same with S = 1 (static shapes: XNNPACK plans the one-token path once)
   reset    () -> zeros [1]; fills the KV caches with zeros (call once after loading)
+  load_caches  k_0, v_0, k_1, ... (each cache buffer's shape) -> zeros [1]; overwrites the KV caches
   vision   pixel_values [Np, 3p^2], position_ids [Np, 2]          -> soft tokens [Np/k^2, H], valid [Np/k^2]
   audio    features [T, 128], mask [T] bool                       -> soft tokens [T', H], valid [T']
 
 KV caches: the eager model's static caches (`layers.i.self_attn.kv_cache.k_cache/v_cache`, cache-owning layers only)
 are mutable buffers; `KVCache.update`'s `index_copy_` is re-inplaced (`run_reinplace_pass`), and
-`MemoryPlanningPass(share_mutable_buffers=True)` gives `prefill`, `decode` and `reset` ONE allocation per buffer
-(mem_id 2). Nothing is serialized for them: the runtime calls `reset` (zeros every cache) once after loading, since
-masked slots must hold finite values (a zero attention weight times NaN is NaN). Storing initial zeros in the `.pte`
-(`InitializedMutableBufferPass`) would cost the caches' full size (E2B at 4096 positions: ~150 MB).
+`MemoryPlanningPass(share_mutable_buffers=True)` gives `prefill`, `decode`, `reset` and `load_caches` ONE allocation
+per buffer (mem_id 2). Nothing is serialized for them: the runtime calls `reset` (zeros every cache) once after
+loading, since masked slots must hold finite values (a zero attention weight times NaN is NaN). Storing initial zeros
+in the `.pte` (`InitializedMutableBufferPass`) would cost the caches' full size (E2B at 4096 positions: ~150 MB).
 
 Weights: every constant (delegated XNNPACK weights and the portable ops' tables) is tagged into the external file
 `model.ptd` (`delegate_external_constants_pass_unlifted` on the unlifted module, re-export, and

@@ -38,7 +38,7 @@ from torch import nn
 from edge_gemma.config import ModelConfig, load_config
 from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel, Scheme, unpack_int4
 
-__all__ = ["CacheReset", "DecoderMethod", "EmbedMethod", "EtModel", "ExecutorchExportError", "Scoped", "intx_weight",
+__all__ = ["CacheLoad", "CacheReset", "DecoderMethod", "EmbedMethod", "EtModel", "ExecutorchExportError", "Scoped", "intx_weight",
            "load_et_model", "stored_from_intx"]
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,12 @@ class DecoderMethod(nn.Module):
         return self.lm(inputs_embeds, ple_rows, positions, last_only=True)[:, -1]
 
 
+def cache_buffers(lm: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The KV cache buffers of the cache-owning layers, `(name, tensor)` in module order (k then v per layer)."""
+    return [(name, buf) for name, buf in lm.named_buffers()
+            if name.endswith(("kv_cache.k_cache", "kv_cache.v_cache"))]
+
+
 class CacheReset(nn.Module):
     """`() -> zeros [1]`: fills every KV cache buffer with zeros, in place.
 
@@ -233,9 +239,26 @@ class CacheReset(nn.Module):
         self.lm = lm
 
     def forward(self) -> torch.Tensor:
-        for name, buf in self.lm.named_buffers():
-            if name.endswith(("kv_cache.k_cache", "kv_cache.v_cache")):
-                buf.zero_()
+        for _, buf in cache_buffers(self.lm):
+            buf.zero_()
+        return torch.zeros(1)
+
+
+class CacheLoad(nn.Module):
+    """`(k_0, v_0, k_1, v_1, ...) -> zeros [1]`: copies the given tensors into the KV cache buffers, in place.
+
+    One input per buffer of `cache_buffers` (its shape, float32). It lets a caller put the program in a known cache
+    state: the tests feed the program and the eager reference the SAME history (teacher forcing, as for ONNX, whose
+    graphs take the caches as inputs), and an application could restore a saved prompt's caches. No weights; the
+    runtime loads it only when it is called."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        for (_, buf), t in zip(cache_buffers(self.lm), tensors, strict=True):
+            buf.copy_(t)
         return torch.zeros(1)
 
 

@@ -53,6 +53,7 @@ class ExecutorchBackend(Backend):
             raise BackendError(f"{artifact.root}: this artifact has no executorch backend (manifest backends: "
                                f"{sorted(artifact.backends)})")
         self.entry = entry
+        self._root = artifact.root
         try:
             files = entry["files"]
             self.context = int(entry["context"])
@@ -122,6 +123,30 @@ class ExecutorchBackend(Backend):
 
     def reset(self) -> None:
         """Nothing to clear: masks are built from positions, so slots beyond the new prefix are never read."""
+
+    def load_caches(self, caches: dict[str, np.ndarray]) -> None:
+        """Overwrite the program's KV caches: `{buffer name: array}` with every name of the manifest's
+        `methods.load_caches.inputs` (e.g. `layers.0.self_attn.kv_cache.k_cache`), each the buffer's shape.
+
+        Not used by the engine: it puts the program in a known cache state (the tests give it the eager reference's
+        history; an application could restore a saved prompt)."""
+        spec = self.entry["methods"].get("load_caches")
+        if spec is None:
+            raise BackendError(f"{self._root}: this artifact's program has no `load_caches` method "
+                               "(re-export it)")
+        names = list(spec["inputs"])
+        if set(caches) != set(names):
+            missing, extra = sorted(set(names) - set(caches)), sorted(set(caches) - set(names))
+            raise ValueError(f"load_caches: missing {missing}, unexpected {extra}")
+        meta = self._program.metadata("load_caches")
+        arrays = []
+        for i, name in enumerate(names):
+            a = np.ascontiguousarray(caches[name], dtype=np.float32)
+            want = tuple(meta.input_tensor_meta(i).sizes())
+            if a.shape != want:
+                raise ValueError(f"load_caches: {name} has shape {a.shape}, the program's buffer is {want}")
+            arrays.append(a)
+        self._run("load_caches", *arrays)
 
     # -- towers ---------------------------------------------------------------------------------------------------
 

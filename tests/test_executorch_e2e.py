@@ -9,8 +9,10 @@
 * `edge-gemma run --backend executorch` with an image and an audio clip answers exactly as `--backend onnx`.
 * int4 / int8: the `.pte` vs the eager model running the SAME integers with XNNPACK's per-token int8 activation
   quantization emulated (`export/executorch_reference.py`): teacher-forced top-1 agreement >= 98 % over 256 held-out
-  tokens; median |logit diff| <= 1e-4 (the rounding is reproduced exactly), 99 % of the positions within 0.05, all
-  within 0.1 (see the test for why the largest differences are single flipped activation codes).
+  tokens, both with a shared history (`load_caches` gives the program the eager model's caches before each position)
+  and on the program's own caches; median |logit diff| <= 1e-4 (the rounding is reproduced exactly), 99 % of the
+  positions within 0.05; with a shared history at most one position above 0.05 and none above 0.06 (the issue asks
+  0.05 everywhere: see the test for the single flipped activation codes that miss it).
 * The `.ptd` stores the checkpoint's integers bit-exactly (what XNNPACK and embedding_byte read is our quantizer's
   output), and the quantized program is much smaller than the float one.
 * No PLE table: neither the `.pte` nor the `.ptd` holds a tensor of the table's size, and together they are smaller
@@ -265,7 +267,7 @@ def _heldout_ids() -> list[int]:
 @pytest.mark.parametrize("recipe", ["int4", "int8"])
 def test_quantized_teacher_forced_agreement(recipe, quantized_default, request):
     artifact = request.getfixturevalue(f"{recipe}_artifact")
-    from edge_gemma.export.executorch_model import DecoderMethod, EmbedMethod
+    from edge_gemma.export.executorch_model import DecoderMethod, EmbedMethod, cache_buffers
     from edge_gemma.export.executorch_reference import emulate_xnnpack
 
     em = load_et_model(quantized_default[recipe], context=CONTEXT_Q, text_only=True)
@@ -276,25 +278,37 @@ def test_quantized_teacher_forced_agreement(recipe, quantized_default, request):
         table = qc.dequantized("model.language_model.embed_tokens_per_layer.weight")
     rows = table[ids.numpy()].reshape(N_TOKENS, em.cfg.text.num_hidden_layers, -1)
     be = _backend(artifact)
+    caches = cache_buffers(em.model.language_model)
+    ref, shared = [], []
     with torch.no_grad():
         emb = embed(ids)
-        ref = np.stack([dec(emb[None, p:p + 1], torch.from_numpy(rows[None, p:p + 1]), torch.tensor([p]))[0].numpy()
-                        for p in range(N_TOKENS)])
-    e = be.embed(ids.numpy())
-    np.testing.assert_allclose(e, emb.numpy(), rtol=0, atol=1e-6)  # quantized embedding == dequantized rows * sqrt(H)
-    out = np.stack([be.decode(e[p:p + 1], rows[p:p + 1], np.array([p])) for p in range(N_TOKENS)])
-    diff = np.abs(out - ref).max(axis=1)
-    agree = float((out.argmax(1) == ref.argmax(1)).mean())
-    print(f"{recipe}: top-1 agreement {agree:.3f}, max |logit diff| {diff.max():.3g}, "
-          f"99th percentile {np.percentile(diff, 99):.3g}, median {np.median(diff):.2e}")
-    assert agree >= 0.98
-    # The emulation is exact (median ~3e-6), so what is left is float noise in the other operators (portable kernels
-    # vs torch, ~1 ulp) that now and then puts an activation on the other side of an int8 rounding boundary; the
-    # flipped code moves that position's logits by one activation step times a weight (up to ~0.07 here) and, through
-    # the caches the program keeps to itself, later positions a little. As for ONNX (tests/test_onnx.py).
-    assert np.median(diff) <= 1e-4
-    assert np.percentile(diff, 99) <= 0.05
-    assert diff.max() <= 0.1
+        e = be.embed(ids.numpy())
+        np.testing.assert_allclose(e, emb.numpy(), rtol=0, atol=1e-6)  # quantized embedding == dequantized rows*sqrt(H)
+        for p in range(N_TOKENS):
+            # shared history: the program gets the eager model's caches (positions < p), then both decode position p
+            be.load_caches({n: b.numpy() for n, b in caches})
+            shared.append(be.decode(e[p:p + 1], rows[p:p + 1], np.array([p])))
+            ref.append(dec(emb[None, p:p + 1], torch.from_numpy(rows[None, p:p + 1]), torch.tensor([p]))[0].numpy())
+    ref, shared = np.stack(ref), np.stack(shared)
+    # own history: the program on its own caches (every slot is rewritten from position 0 on)
+    own = np.stack([be.decode(e[p:p + 1], rows[p:p + 1], np.array([p])) for p in range(N_TOKENS)])
+    for mode, out in (("shared history", shared), ("own history", own)):
+        diff = np.abs(out - ref).max(axis=1)
+        agree = float((out.argmax(1) == ref.argmax(1)).mean())
+        print(f"{recipe}, {mode}: top-1 agreement {agree:.3f}, max |logit diff| {diff.max():.3g}, "
+              f"99th percentile {np.percentile(diff, 99):.3g}, median {np.median(diff):.2e}")
+        assert agree >= 0.98
+        # The emulation reproduces XNNPACK's rounding exactly (median ~2e-6). What is left is float noise in the other
+        # operators (portable kernels vs torch, ~1 ulp) that now and then puts an activation on the other side of an
+        # int8 rounding boundary: the flipped code moves that position's logits by one activation step times a
+        # weight. XNNPACK quantizes a token's whole row (128 wide on this model) with one step, so a flip is worth
+        # up to ~0.05 here (ONNX's MatMulNBits quantizes blocks of 32: tests/test_onnx.py meets 0.05). Measured with
+        # a shared history: max 0.0505 (int4) / 0.0537 (int8), one position of 256 each above 0.05; p99 0.022 /
+        # 0.024. On its own caches a flip also shifts later positions a little (max 0.0625 / 0.0537).
+        assert np.median(diff) <= 1e-4
+        assert np.percentile(diff, 99) <= 0.05
+        assert (diff > 0.05).sum() <= (1 if mode == "shared history" else 3)
+        assert diff.max() <= (0.06 if mode == "shared history" else 0.1)
 
 
 def _ptd_buffers(path: Path) -> dict[str, bytes]:
@@ -351,3 +365,57 @@ def test_backend_rejects_bad_calls_and_missing_backend(fp32_artifact, tmp_path):
         w.manifest["backends"] = {}
     with pytest.raises(BackendError, match="no executorch backend"):
         ExecutorchBackend(Artifact(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------------------------------- two KV heads (as E4B)
+@pytest.fixture(scope="session")
+def two_kv_artifact(tiny_checkpoints, tmp_path_factory) -> Artifact:
+    out = tmp_path_factory.mktemp("et") / "two-kv"
+    with ArtifactWriter(out) as w:
+        w.manifest["backends"] = {"executorch": export_executorch(tiny_checkpoints["text_only"], w.path("executorch"),
+                                                                  context=48, max_prefill_chunk=8, text_only=True)}
+    return Artifact(out)
+
+
+def test_two_kv_heads_prefill_decode_and_load_caches_match_eager(two_kv_artifact, tiny_checkpoints):
+    """Tiny variant b: 4 query heads over 2 KV heads (E4B: 8 over 2; the embedded model has one KV head). Its decode
+    method once failed to lower ("Cannot view a tensor ...": the grouped attention's output reshape, recorded as a view
+    with S = 1). Chunked prefill and decode within 1e-4 of the eager model; then `load_caches` with the eager model's
+    caches for ANOTHER history makes the program continue that history (every cache buffer is written)."""
+    from edge_gemma.checkpoint import load_model
+    from edge_gemma.export.executorch_model import cache_buffers
+
+    lm = load_model(tiny_checkpoints["text_only"], max_len=48).language_model
+    be = _backend(two_kv_artifact)
+    names = two_kv_artifact.backends["executorch"]["methods"]["load_caches"]["inputs"]
+    assert names == [n for n, _ in cache_buffers(lm)] and len(names) == 2 * len(lm.kv_caches)
+    worst = 0.0
+
+    def check(ref, out):
+        nonlocal worst
+        worst = max(worst, float(np.abs(out - ref[0, -1].numpy()).max()))
+
+    g = torch.Generator().manual_seed(5)
+    ids, other = torch.randint(3, 500, (1, 20), generator=g), torch.randint(3, 500, (1, 20), generator=g)
+    with torch.no_grad():
+        emb, rows = lm.embed(ids), lm.ple_rows(ids)
+        for s in range(0, 16, 8):  # chunks of 8
+            check(lm(emb[:, s:s + 8], rows[:, s:s + 8], torch.arange(s, s + 8), last_only=True),
+                  be.prefill(emb[0, s:s + 8].numpy(), rows[0, s:s + 8].numpy(), np.arange(s, s + 8)))
+        for p in range(16, 20):
+            check(lm(emb[:, p:p + 1], rows[:, p:p + 1], torch.tensor([p]), last_only=True),
+                  be.decode(emb[0, p:p + 1].numpy(), rows[0, p:p + 1].numpy(), np.array([p])))
+        # the eager model now reads `other`; the program still holds `ids`' caches until load_caches
+        lm.reset_caches()
+        e2, r2 = lm.embed(other), lm.ple_rows(other)
+        lm(e2[:, :19], r2[:, :19], torch.arange(19), last_only=True)
+        be.load_caches({n: b.numpy() for n, b in cache_buffers(lm)})
+        ref = lm(e2[:, 19:], r2[:, 19:], torch.tensor([19]), last_only=True)
+        out = be.decode(e2[0, 19:].numpy(), r2[0, 19:].numpy(), np.array([19]))
+        check(ref, out)
+    print(f"two KV heads: max |logit diff| {worst:.2e}")
+    assert worst < 1e-4
+    with pytest.raises(ValueError, match="missing"):
+        be.load_caches({names[0]: np.zeros(1, np.float32)})
+    with pytest.raises(ValueError, match=names[0].replace(".", r"\.")):
+        be.load_caches({n: np.zeros((1, 1, 1, 1), np.float32) for n in names})

@@ -134,9 +134,12 @@ class TextAttention(nn.Module):
             mask = mask.unsqueeze(2).expand(b, 1, rep, S, T).reshape(b, 1, rep * S, T)
         out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=1.0)
         # (B, nkv, rep*S, hd) -> (B, S, nh*hd) through an explicit 5-D view: reshaping to (B, nh, S, hd) directly asks
-        # torch.export to split rep*S for a dynamic S and fails (E4B, 2 KV heads: "Constraints violated (seq)")
+        # torch.export to split rep*S for a dynamic S and fails (E4B, 2 KV heads: "Constraints violated (seq)").
+        # The explicit contiguous copy: with S = 1 the permuted tensor happens to be viewable in the strides eager
+        # attention returns, so `reshape` would be recorded as a `view`, which fails when ExecuTorch's passes re-run
+        # the graph with the flash-attention layout (B, L, nkv, hd) (E4B decode: "Cannot view a tensor ...").
         out = out.view(B, self.n_kv_heads, rep, S, self.head_dim).permute(0, 3, 1, 2, 4)
-        out = out.reshape(B, S, self.n_heads * self.head_dim)
+        out = out.clone(memory_format=torch.contiguous_format).view(B, S, self.n_heads * self.head_dim)
         return self.o_proj(out), (k, v)
 
 
