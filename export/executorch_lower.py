@@ -28,12 +28,13 @@ Partitioners: `XnnpackDynamicallyQuantizedPartitioner` (the 8da4w / 8da8w linear
 rsqrt, ...) are left to the portable kernels: XNNPACK's approximations moved the tiny model's fp32 logits by ~3e-3
 (precise: ~1e-5) and its int4 logits by a median 0.024 against the emulated eager model (precise: 3e-6).
 
-Lowering a full-size model: three patches of ExecuTorch's lowering, each a context manager below, active only inside
+Lowering a full-size model: four patches of ExecuTorch's lowering, each a context manager below, active only inside
 `lower_program`: `_short_provenance` (provenance chains copied by every pass), `_one_sort_per_program` (one
 topological sort and one recompile per method instead of one per partition: lowering was quadratic in the layer
-count) and `_share_weights_in_preprocess` (the per-partition copies handed to XNNPACK share the weight tensors).
-Full-size E2B, int4, text methods: the lowering did not finish in 25-32 minutes at 11.4-11.8 GiB before; now the
-whole export takes 16 minutes at 7.49 GiB peak RSS (`benchmarks/README.md`).
+count), `_share_weights_in_preprocess` (the per-partition copies handed to XNNPACK share the weight tensors) and
+`_share_serialized_constants` (prefill and decode hold one serialized copy of their common weights, not one each).
+Full-size E2B, int4, text methods: the lowering did not finish in 25-32 minutes at 11.4-11.8 GiB before the first
+three; with them the whole export took 16 minutes at 7.49 GiB peak RSS (`benchmarks/README.md`).
 """
 
 from __future__ import annotations
@@ -156,6 +157,39 @@ def _share_weights_in_preprocess():
             XnnpackBackend.copy_exported_program_for_preprocess = own
 
 
+@contextlib.contextmanager
+def _share_serialized_constants():
+    """Keep ONE copy of each serialized constant across the partitions and methods being lowered.
+
+    XNNPACK's preprocessing serializes every weight it delegates (`bytes(...)` of the packed tensor) into a named-data
+    store per partition, keyed by the bytes' SHA-256, and all these stores live until the program is emitted. `prefill`
+    and `decode` delegate the same weights, so every packed weight was held twice (measured on an E4B-width model:
+    +0.64 GB per method for the tied head alone). Here a store that is handed bytes already held under the same key
+    (checked equal) keeps the held object, and the new copy is dropped at once. Nothing changes in the files: ExecuTorch
+    deduplicates the buffers by content when it merges the stores."""
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    original = NamedDataStore.add_named_data
+    held: dict[tuple[str, int], bytes] = {}
+
+    def add_named_data(self, key, data, *args, **kwargs):
+        if isinstance(data, bytes):
+            ident = (key, len(data))
+            known = held.get(ident)
+            if known is None:
+                held[ident] = data
+            elif known is not data and known == data:
+                data = known
+        return original(self, key, data, *args, **kwargs)
+
+    NamedDataStore.add_named_data = add_named_data
+    try:
+        yield
+    finally:
+        NamedDataStore.add_named_data = original
+        held.clear()
+
+
 def _tag(node) -> str | None:
     """External-file tag of a constant, or None to keep it in the `.pte`.
 
@@ -193,7 +227,7 @@ def lower_program(methods: dict[str, tuple[nn.Module, tuple, Any]], out_dir: Pat
                   name: str = "model") -> dict[str, Any]:
     """Export every method `{name: (module, example args, dynamic_shapes)}`, lower them together and write
     `out_dir/<name>.pte` and `out_dir/model.ptd`. Returns timings and file names."""
-    with _short_provenance(), _one_sort_per_program(), _share_weights_in_preprocess():
+    with _short_provenance(), _one_sort_per_program(), _share_weights_in_preprocess(), _share_serialized_constants():
         return _lower(methods, out_dir, precise=precise, name=name)
 
 

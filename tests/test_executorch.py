@@ -99,3 +99,29 @@ def test_xnnpack_linear_is_dequantized_activations_times_dequantized_weights():
     a = (codes - zp).double() * a_scale.double()
     wd = w.double() * s.double().repeat_interleave(32, dim=1)
     torch.testing.assert_close(y, a @ wd.T, rtol=1e-5, atol=1e-6)
+
+
+def test_lowering_keeps_one_copy_of_equal_serialized_constants():
+    """`_share_serialized_constants`: two named-data stores (two partitions / methods) handed equal bytes under one key
+    hold the SAME bytes object (the second copy is dropped); different bytes are kept apart, and ExecuTorch still
+    refuses one key with different data; the patch is undone on exit."""
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    from edge_gemma.export.executorch_lower import _share_serialized_constants
+
+    payload = np.arange(4096, dtype=np.int32).tobytes()
+    original = NamedDataStore.add_named_data
+    with _share_serialized_constants():
+        a, b = NamedDataStore(), NamedDataStore()
+        a.add_named_data("w", bytes(bytearray(payload)), external_tag="model")
+        b.add_named_data("w", bytes(bytearray(payload)), external_tag="model")
+        assert a.buffers[0] is b.buffers[0]
+        b.add_named_data("v", bytes(bytearray(payload[::-1])), external_tag="model")
+        assert b.buffers[1] is not b.buffers[0] and b.buffers[1] == payload[::-1]
+        with pytest.raises(ValueError, match="different data"):
+            a.add_named_data("w", bytes(len(payload)), external_tag="model")
+    assert NamedDataStore.add_named_data is original
+    c, d = NamedDataStore(), NamedDataStore()
+    c.add_named_data("w", bytes(bytearray(payload)))
+    d.add_named_data("w", bytes(bytearray(payload)))
+    assert c.buffers[0] is not d.buffers[0]  # without the patch each store holds its own copy
