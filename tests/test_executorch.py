@@ -87,6 +87,62 @@ def test_xnnpack_row_quantization_follows_xnnpack_recipe():
     assert scale[2, 0] == 1.0 and codes[2].tolist() == [127.0] * 3
 
 
+def test_xnnpack_inline_packing_multiplier_is_m_and_the_convert_operator_uses_one_over_one_over_m():
+    """XNNPACK's two multipliers, worked in float32 with numpy: the convert operator quantizes with 1 / (1 / m), the
+    GEMM that packs its own input with m = 255 / range. They differ by one float32 step for some ranges, and then a
+    value close to a rounding boundary gets different codes; the linears named in INLINE_LHS_PACKED use m."""
+    from edge_gemma.export.executorch_reference import (
+        INLINE_LHS_PACKED,
+        XnnpackDynamicQuantLinear,
+        emulate_xnnpack,
+        xnnpack_quantize_rows,
+    )
+
+    f = np.float32
+
+    def straddling():  # a range where the two multipliers differ, and a value they round to different codes
+        for span in np.linspace(1.0, 3.0, 2001, dtype=np.float32):
+            m = f(255) / span
+            m_conv = f(1) / (f(1) / m)
+            for k in (40.5, 41.5, 100.5):
+                near = f(k) / m
+                xs = near + np.arange(-200, 200, dtype=np.float32) * np.spacing(near)
+                differ = np.nonzero(np.rint(xs * m) != np.rint(xs * m_conv))[0]
+                if m != m_conv and differ.size:
+                    return span, m, m_conv, xs[differ[0]]
+        raise AssertionError("no range where 1 / (1 / m) != m")
+
+    span, m, m_conv, x = straddling()
+    row = torch.tensor([[0.0, float(x), float(span)]])  # range [0, span]: zero point -128
+    conv, zp, _ = xnnpack_quantize_rows(row)
+    inline, zp2, _ = xnnpack_quantize_rows(row, inline_lhs_packing=True)
+    assert zp.item() == zp2.item() == -128.0
+    assert conv[0, 1].item() == float(np.rint(x * m_conv)) - 128.0
+    assert inline[0, 1].item() == float(np.rint(x * m)) - 128.0
+    assert inline[0, 1] != conv[0, 1]
+    # emulate_xnnpack marks exactly the linears named in INLINE_LHS_PACKED
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8TensorActivationQuantization as ActQ,
+    )
+
+    def qlinear():
+        lin = torch.nn.Linear(32, 4, bias=False)
+        w = IntxUnpackedToInt8Tensor(torch.ones(4, 32, dtype=torch.int8), torch.ones(4, 1), torch.zeros(4, 1,
+                                     dtype=torch.int8), torch.int8, (1, 32), torch.float32, ActQ.INT8_ASYM_PER_TOKEN)
+        lin.weight = torch.nn.Parameter(w, requires_grad=False)
+        return lin
+
+    model = torch.nn.Module()
+    model.lm = torch.nn.Module()
+    model.lm.per_layer_model_projection = qlinear()
+    model.lm.o_proj = qlinear()
+    emulate_xnnpack(model)
+    assert isinstance(model.lm.o_proj, XnnpackDynamicQuantLinear)
+    assert model.lm.per_layer_model_projection.inline_lhs_packing and not model.lm.o_proj.inline_lhs_packing
+    assert INLINE_LHS_PACKED == ("per_layer_model_projection",)
+
+
 def test_xnnpack_linear_is_dequantized_activations_times_dequantized_weights():
     from edge_gemma.export.executorch_reference import XnnpackDynamicQuantLinear, xnnpack_quantize_rows
 

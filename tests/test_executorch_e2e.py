@@ -11,8 +11,8 @@
   quantization emulated (`export/executorch_reference.py`): teacher-forced top-1 agreement >= 98 % over 256 held-out
   tokens, both with a shared history (`load_caches` gives the program the eager model's caches before each position)
   and on the program's own caches; median |logit diff| <= 1e-4 (the rounding is reproduced exactly), 99 % of the
-  positions within 0.05; with a shared history at most one position above 0.05 and none above 0.06 (the issue asks
-  0.05 everywhere: see the test for the single flipped activation codes that miss it).
+  positions within 0.05; with a shared history every position within 0.05, on its own caches within 0.1 (see the
+  test for the single flipped activation codes a position's own history carries forward).
 * The `.ptd` stores the checkpoint's integers bit-exactly (what XNNPACK and embedding_byte read is our quantizer's
   output), and the quantized program is much smaller than the float one.
 * No PLE table: neither the `.pte` nor the `.ptd` holds a tensor of the table's size, and together they are smaller
@@ -298,20 +298,17 @@ def test_quantized_teacher_forced_agreement(recipe, quantized_default, request):
         print(f"{recipe}, {mode}: top-1 agreement {agree:.3f}, max |logit diff| {diff.max():.3g}, "
               f"99th percentile {np.percentile(diff, 99):.3g}, median {np.median(diff):.2e}")
         assert agree >= 0.98
-        # The emulation reproduces XNNPACK's rounding exactly (median ~2e-6). What is left now and then puts one
-        # activation on the other side of an int8 rounding boundary: float noise in the other operators (portable
-        # kernels vs torch, ~1 ulp), and XNNPACK itself, which multiplies by 1 / (1 / m) in its convert operator (what
-        # the emulation follows) but by m when a GEMM packs its own left-hand side (XNNPACK chooses at run time,
-        # `xnn_should_inline_lhs_packing`; the int4 run's worst position, 102, is such a case: the eager model gives
-        # the program's logits when that one code of per_layer_model_projection's input is rounded with m). The flipped code moves that position's logits by one activation step
-        # times a weight. XNNPACK quantizes a token's whole row (128 wide on this model) with one step, so a flip is worth
-        # up to ~0.05 here (ONNX's MatMulNBits quantizes blocks of 32: tests/test_onnx.py meets 0.05). Measured with
-        # a shared history: max 0.0505 (int4) / 0.0537 (int8), one position of 256 each above 0.05; p99 0.022 /
-        # 0.024. On its own caches a flip also shifts later positions a little (max 0.0625 / 0.0537).
+        # The emulation reproduces XNNPACK's rounding (median ~2e-6), including its two multipliers (the convert
+        # operator's 1 / (1 / m), the inline packing's m for per_layer_model_projection: executorch_reference.py;
+        # with 1 / (1 / m) everywhere the shared-history max was 0.0505 / 0.0537). What is left is float noise in the
+        # other operators (portable kernels vs torch, ~1 ulp) that now and then puts an activation on the other side
+        # of an int8 rounding boundary (measured: o_proj's input, after the attention's softmax); the flipped code
+        # moves that position's logits by one activation step times a weight. Measured with a shared history: max
+        # 0.026 (int4) / 0.031 (int8). On its own caches a flip also shifts later positions a little, which the
+        # looser bound allows.
         assert np.median(diff) <= 1e-4
         assert np.percentile(diff, 99) <= 0.05
-        assert (diff > 0.05).sum() <= (1 if mode == "shared history" else 3)
-        assert diff.max() <= (0.06 if mode == "shared history" else 0.1)
+        assert diff.max() <= (0.05 if mode == "shared history" else 0.1)
 
 
 def _ptd_buffers(path: Path) -> dict[str, bytes]:
