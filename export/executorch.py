@@ -1,7 +1,7 @@
 """ExecuTorch exporter: one `.pte` (embed, prefill, decode, reset, load_caches, vision, audio methods) lowered to
-XNNPACK, weights in an external `.ptd`, the PLE table left out (the engine feeds its rows from the artifact's `ple.bin`), the KV caches
-planned memory shared by prefill/decode/reset/load_caches (nothing serialized for them; the runtime calls `reset` after
-loading; `load_caches` lets tests and applications put them in a known state).
+XNNPACK, weights in an external `.ptd`, the PLE table left out (the engine feeds its rows from the artifact's
+`ple.bin`), the KV caches planned memory shared by prefill/decode/reset/load_caches (nothing serialized for them; the
+runtime calls `reset` after loading; `load_caches` lets tests and applications put them in a known state).
 
 Entry point for `export/build.py`: `export_backend(job) -> manifest entry`::
 
@@ -73,6 +73,7 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
     seq = torch.export.Dim("seq", min=1, max=chunk)
     S0 = min(3, chunk)
     decoder = DecoderMethod(em.model.language_model, em.head).eval()
+    caches = cache_buffers(em.model.language_model)
     methods: dict[str, tuple] = {
         "embed": (EmbedMethod(em.table, H).eval(), (torch.arange(S0),), ({0: seq},)),
         "prefill": (decoder, (torch.zeros(1, S0, H), torch.zeros(1, S0, L, P), torch.arange(S0)),
@@ -80,7 +81,7 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
         "decode": (decoder, (torch.zeros(1, 1, H), torch.zeros(1, 1, L, P), torch.arange(1)), None),
         "reset": (CacheReset(em.model.language_model).eval(), (), None),
         "load_caches": (CacheLoad(em.model.language_model).eval(),
-                        tuple(torch.zeros_like(b) for _, b in cache_buffers(em.model.language_model)), None),
+                        tuple(torch.zeros_like(b) for _, b in caches), None),
     }
     info: dict[str, Any] = {"vision": None, "audio": None}
     if cfg.vision is not None and em.model.vision_tower is not None:
@@ -117,7 +118,7 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
                     "prefill": {"inputs": ["inputs_embeds", "ple_rows", "positions"], "outputs": ["logits"]},
                     "decode": {"inputs": ["inputs_embeds", "ple_rows", "positions"], "outputs": ["logits"]},
                     "reset": {"inputs": [], "outputs": ["zeros"], "call": "once after load: zeros the KV caches"},
-                    "load_caches": {"inputs": [n for n, _ in cache_buffers(em.model.language_model)],
+                    "load_caches": {"inputs": [n for n, _ in caches],
                                     "outputs": ["zeros"], "call": "optional: overwrites the KV caches"},
                     **info},
         "context": context,

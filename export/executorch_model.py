@@ -38,8 +38,8 @@ from torch import nn
 from edge_gemma.config import ModelConfig, load_config
 from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel, Scheme, unpack_int4
 
-__all__ = ["CacheLoad", "CacheReset", "DecoderMethod", "EmbedMethod", "EtModel", "ExecutorchExportError", "Scoped", "intx_weight",
-           "load_et_model", "stored_from_intx"]
+__all__ = ["CacheLoad", "CacheReset", "DecoderMethod", "EmbedMethod", "EtModel", "ExecutorchExportError", "Scoped",
+           "cache_buffers", "intx_weight", "load_et_model", "stored_from_intx"]
 
 log = logging.getLogger(__name__)
 

@@ -321,10 +321,8 @@ def test_e4b_attention_layout_exports_with_a_dynamic_sequence_length():
         exported = torch.export.export(Step(), args, dynamic_shapes=({1: seq}, {1: seq}, {0: seq}),
                                        strict=False).module()
         for s in (1, 5):  # the exported program runs at other lengths and agrees with eager
-            for cache in lm.kv_caches:
-                cache.reset()
+            lm.reset_caches()
             a = (torch.randn(1, s, 64), torch.randn(1, s, 6, 8), torch.arange(s))
             want = Step()(*a)
-            for cache in lm.kv_caches:
-                cache.reset()
+            lm.reset_caches()
             torch.testing.assert_close(exported(*a), want, rtol=1e-5, atol=1e-5)
