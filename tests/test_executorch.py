@@ -181,3 +181,98 @@ def test_lowering_keeps_one_copy_of_equal_serialized_constants():
     c.add_named_data("w", bytes(bytearray(payload)))
     d.add_named_data("w", bytes(bytearray(payload)))
     assert c.buffers[0] is not d.buffers[0]  # without the patch each store holds its own copy
+
+
+def _branchy_graph(width: int = 3, depth: int = 40):
+    """An fx graph with a residual stream, fan-out and joins (the shape of a decoder's dependency structure)."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    side = graph.placeholder("side")  # joins late: its downstream set is small
+    for d in range(depth):
+        branches = [graph.call_function(torch.tanh if (d + b) % 2 else torch.sin, (x,)) for b in range(width)]
+        total = branches[0]
+        for b in branches[1:]:
+            total = graph.call_function(torch.add, (total, b))
+        x = graph.call_function(torch.add, (x, total))
+        if d == depth - 5:
+            x = graph.call_function(torch.mul, (x, side))
+    graph.call_function(torch.neg, (branches[0],))  # a dead end
+    graph.output(x)
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+def test_compact_dependency_view_answers_what_the_partitioners_own_views_answer():
+    """`_CompactDependencyViewer` (bitmasks) against the two originals it replaces, node by node: the same transitive
+    downstream sets (torch.fx and ExecuTorch) and upstream sets (ExecuTorch), the same membership answers, also for a
+    node from another graph; and it holds far less (tracemalloc, deterministic)."""
+    import tracemalloc
+
+    from executorch.exir.backend.canonical_partitioners import group_partitioner
+    from torch.fx.passes.infra import partitioner
+
+    from edge_gemma.export.executorch_lower import _CompactDependencyViewer
+
+    gm = _branchy_graph()
+    ours, fx_view, et_view = (_CompactDependencyViewer(gm), partitioner._DependencyViewer(gm),
+                              group_partitioner._DependencyViewer(gm))
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        down = ours.downstreams_of(node)
+        assert set(down) == fx_view.downstreams_of(node) == et_view.downstreams_of(node), node
+        assert len(down) == len(fx_view.downstreams_of(node))
+        assert set(ours.upstreams_of(node)) == et_view.upstreams_of(node), node
+        assert all((other in down) == (other in fx_view.downstreams_of(node)) for other in nodes)
+    stranger = next(iter(_branchy_graph(1, 2).graph.nodes))
+    assert set(ours.downstreams_of(stranger)) == set() and stranger not in ours.downstreams_of(nodes[0])
+    assert len(ours.downstreams_of(nodes[0])) > len(nodes) // 2  # the graph does have large closures
+
+    big = _branchy_graph(width=4, depth=250)  # ~2,500 nodes
+    sizes = []
+    for viewer in (partitioner._DependencyViewer, _CompactDependencyViewer):
+        tracemalloc.start()
+        kept = viewer(big)
+        sizes.append(tracemalloc.get_traced_memory()[0])
+        tracemalloc.stop()
+        del kept
+    assert sizes[1] * 20 < sizes[0], sizes
+
+
+def test_compact_dependency_views_leave_the_xnnpack_partitions_unchanged():
+    """Lowering a small module with linears and transcendental ops (left out of XNNPACK in precise mode: several
+    partitions) gives the same delegates, node for node, with and without `_compact_dependency_views`; the patch is
+    undone on exit."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from torch.fx.passes.infra import partitioner
+
+    from edge_gemma.export.executorch_lower import _compact_dependency_views, _partitioners
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Linear(16, 16) for _ in range(3))
+
+        def forward(self, x):
+            for _ in range(3):
+                h = torch.tanh(self.a(x)) * self.b(x)
+                x = x + self.c(torch.nn.functional.gelu(h, approximate="tanh")).softmax(-1)
+            return x
+
+    torch.manual_seed(0)
+    module, args = Block().eval(), (torch.randn(2, 16),)
+
+    def lowered():
+        ep = torch.export.export(module, args, strict=False)
+        edge = to_edge_transform_and_lower(ep, partitioner=_partitioners(precise=True),
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        gm = edge.exported_program().graph_module
+        subgraphs = [str(getattr(gm, n.target).original_module.graph) for n in gm.graph.nodes
+                     if n.op == "get_attr" and n.target.startswith("lowered_module")]
+        return str(gm.graph), subgraphs
+
+    original = partitioner._DependencyViewer
+    plain = lowered()
+    with _compact_dependency_views():
+        assert partitioner._DependencyViewer is not original
+        compact = lowered()
+    assert partitioner._DependencyViewer is original
+    assert len(plain[1]) > 1 and compact == plain
