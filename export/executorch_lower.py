@@ -28,12 +28,14 @@ Partitioners: `XnnpackDynamicallyQuantizedPartitioner` (the 8da4w / 8da8w linear
 rsqrt, ...) are left to the portable kernels: XNNPACK's approximations moved the tiny model's fp32 logits by ~3e-3
 (precise: ~1e-5) and its int4 logits by a median 0.024 against the emulated eager model (precise: 3e-6).
 
-Lowering a full-size model: five patches of ExecuTorch's lowering, each a context manager below, active only inside
+Lowering a full-size model: six patches of ExecuTorch's lowering, each a context manager below, active only inside
 `lower_program`: `_short_provenance` (provenance chains copied by every pass), `_one_sort_per_program` (one
 topological sort and one recompile per method instead of one per partition: lowering was quadratic in the layer
 count), `_share_weights_in_preprocess` (the per-partition copies handed to XNNPACK share the weight tensors),
-`_share_serialized_constants` (prefill and decode hold one serialized copy of their common weights, not one each) and
-`_compact_dependency_views` (the partitioners' transitive-dependency sets as bitmasks: quadratic memory, 170x less).
+`_share_serialized_constants` (prefill and decode hold one serialized copy of their common weights, not one each),
+`_compact_dependency_views` (the partitioners' transitive-dependency sets as bitmasks: quadratic memory, 170x less) and
+`_release_weights_after_each_pass` (the tensors only XNNPACK delegates hold are freed once serialized: the modules
+handed to `lower_program` are consumed).
 Full-size E2B, int4, text methods: the lowering did not finish in 25-32 minutes at 11.4-11.8 GiB before the first
 three; with them the whole export took 16 minutes at 7.49 GiB peak RSS (`benchmarks/README.md`).
 """
@@ -53,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["PRECISE_EXCLUDED", "lower_program"]
+__all__ = ["PRECISE_EXCLUDED", "lower_program", "release_delegated_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +277,72 @@ def _compact_dependency_views():
         partitioner._DependencyViewer, group_partitioner._DependencyViewer = originals
 
 
+def _storages(program) -> dict[int, Any]:
+    """{data_ptr: untyped storage} of the tensors an ExportedProgram holds (parameters, buffers, constants)."""
+    out = {}
+    for values in (program.state_dict, program.constants):
+        for t in values.values():
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor):
+                storage = t.untyped_storage()
+                if storage.nbytes():
+                    out[storage.data_ptr()] = storage
+    return out
+
+
+def release_delegated_weights(manager) -> int:
+    """Free the storage of every tensor that only XNNPACK delegates of `manager` (an EdgeProgramManager) still hold;
+    returns the bytes freed.
+
+    Once a partition is preprocessed, its weights live on as serialized bytes in the named-data store; the float and
+    int8 tensors they came from are held only by the lowered module's `original_module` (and by the caller's eager
+    modules, which share them). `to_executorch` emits the delegates from the serialized bytes and never reads those
+    tensors, so they are freed in place (`resize_(0)`: every module sharing them then holds an empty tensor, and
+    reading one fails loudly). Tensors a top-level program still uses (constants of portable ops, such as the int8
+    embedding table of `embed`, or a later partitioner pass's inputs) are kept."""
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    kept: dict[int, Any] = {}
+    delegated: dict[int, Any] = {}
+    for program in manager._edge_programs.values():
+        kept.update(_storages(program))
+        gm = program.graph_module
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and isinstance(getattr(gm, node.target, None), LoweredBackendModule):
+                delegated.update(_storages(getattr(gm, node.target).original_module))
+    freed = 0
+    for ptr, storage in delegated.items():
+        if ptr not in kept:
+            if storage.resizable():
+                freed += storage.nbytes()
+                storage.resize_(0)
+            else:
+                log.debug("executorch: a delegated weight of %d B is not resizable; kept", storage.nbytes())
+    return freed
+
+
+@contextlib.contextmanager
+def _release_weights_after_each_pass():
+    """Call `release_delegated_weights` after each partitioner pass of `to_edge_transform_and_lower` (one
+    `EdgeProgramManager.to_backend` call per pass, over all methods): the first pass delegates every dynamically
+    quantized linear of every method, so the int8 codes and scales of the whole model (E4B: ~5 GB) are gone before
+    the second pass and `to_executorch`, which used to hold them beside their serialized copies."""
+    from executorch.exir.program._program import EdgeProgramManager
+
+    original = EdgeProgramManager.to_backend
+
+    def to_backend(self, *args, **kwargs):
+        manager = original(self, *args, **kwargs)
+        freed = release_delegated_weights(manager)
+        log.info("executorch: released %.1f MiB of delegated weights", freed / 2**20)
+        return manager
+
+    EdgeProgramManager.to_backend = to_backend
+    try:
+        yield
+    finally:
+        EdgeProgramManager.to_backend = original
+
+
 def _tag(node) -> str | None:
     """External-file tag of a constant, or None to keep it in the `.pte`.
 
@@ -311,9 +379,12 @@ def _partitioners(precise: bool) -> list:
 def lower_program(methods: dict[str, tuple[nn.Module, tuple, Any]], out_dir: Path, *, precise: bool,
                   name: str = "model") -> dict[str, Any]:
     """Export every method `{name: (module, example args, dynamic_shapes)}`, lower them together and write
-    `out_dir/<name>.pte` and `out_dir/model.ptd`. Returns timings and file names."""
+    `out_dir/<name>.pte` and `out_dir/model.ptd`. Returns timings and file names.
+
+    The modules are CONSUMED: the weights their XNNPACK delegates took are freed while lowering
+    (`release_delegated_weights`); build them again to run them eagerly."""
     with (_short_provenance(), _one_sort_per_program(), _share_weights_in_preprocess(), _share_serialized_constants(),
-          _compact_dependency_views()):
+          _compact_dependency_views(), _release_weights_after_each_pass()):
         return _lower(methods, out_dir, precise=precise, name=name)
 
 

@@ -51,6 +51,13 @@ class ExecutorchExportError(ValueError):
     """The checkpoint cannot be exported to ExecuTorch as asked; the message names the tensor or setting."""
 
 
+def torch_owned(arr: np.ndarray) -> torch.Tensor:
+    """`arr`'s values in memory torch allocated (one copy). `torch.from_numpy` would share numpy's buffer, which torch
+    cannot free in place; the exporter frees the weights XNNPACK has taken (`release_delegated_weights`)."""
+    src = torch.from_numpy(np.asarray(arr))
+    return torch.empty(src.shape, dtype=src.dtype).copy_(src)  # (`.numpy()` on it would make it non-resizable)
+
+
 def intx_weight(scheme: Scheme, stored: dict[str, np.ndarray], shape: tuple[int, int], *,
                 dynamic_activations: bool, name: str = "?") -> torch.Tensor:
     """Stored checkpoint arrays -> `IntxUnpackedToInt8Tensor` over the same integers (see the module docstring)."""
@@ -73,9 +80,9 @@ def intx_weight(scheme: Scheme, stored: dict[str, np.ndarray], shape: tuple[int,
         block, target = (1, k), torch.int8
     if q.shape != (n, k) or q.dtype != np.int8:
         raise ExecutorchExportError(f"tensor {name!r}: codes are {q.dtype} {q.shape}, expected int8 {(n, k)}")
-    scale_t = torch.from_numpy(np.ascontiguousarray(scale))
+    scale_t = torch_owned(scale)
     return IntxUnpackedToInt8Tensor(
-        torch.from_numpy(np.ascontiguousarray(q)), scale_t, torch.zeros(scale_t.shape, dtype=torch.int8), target,
+        torch_owned(q), scale_t, torch.zeros(scale_t.shape, dtype=torch.int8), target,
         block, torch.float32, ActQ.INT8_ASYM_PER_TOKEN if dynamic_activations else None)
 
 
@@ -161,7 +168,7 @@ def load_et_model(checkpoint: str | Path, *, context: int, text_only: bool = Fal
             if tuple(arr.shape) != tuple(target.shape):
                 raise ExecutorchExportError(f"{path}: tensor {name!r} has shape {list(arr.shape)}, expected "
                                             f"{list(target.shape)}")
-            state[ours] = torch.from_numpy(arr)
+            state[ours] = torch_owned(arr)
             schemes[name] = "float"
         model.load_state_dict(state, strict=False, assign=True)
         for ours, p in model.named_parameters():
@@ -173,7 +180,7 @@ def load_et_model(checkpoint: str | Path, *, context: int, text_only: bool = Fal
         stored = qc.stored(emb)
         head = nn.Linear(shape[1], shape[0], bias=False)
         if scheme is None:
-            w = torch.from_numpy(np.asarray(stored["tensor"], dtype=np.float32))
+            w = torch_owned(np.asarray(stored["tensor"], dtype=np.float32))
             _swap_weight(lm.embed_tokens, w)
             head.weight = lm.embed_tokens.weight
             schemes[emb] = "float"

@@ -276,3 +276,32 @@ def test_compact_dependency_views_leave_the_xnnpack_partitions_unchanged():
         compact = lowered()
     assert partitioner._DependencyViewer is original
     assert len(plain[1]) > 1 and compact == plain
+
+
+def test_lowering_frees_the_delegated_weights_and_the_program_still_computes_the_eager_output(tmp_path):
+    """`lower_program` releases the weights only XNNPACK delegates hold (`release_delegated_weights`): the linears'
+    weights are freed in the module handed in, the embedding table (a portable op's constant) is kept, and the
+    written `.pte` + `.ptd` still compute what the module computed before lowering."""
+    from executorch.runtime import Runtime
+
+    from edge_gemma.export.executorch_lower import lower_program
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(64, 32)
+            self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+        def forward(self, ids):
+            return self.down(torch.relu(self.up(self.table(ids))))
+
+    torch.manual_seed(0)
+    net, ids = Net().eval(), torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    with torch.no_grad():
+        expected = net(ids)
+    lower_program({"forward": (net, (ids,), None)}, tmp_path, precise=True)
+    assert net.up.weight.untyped_storage().nbytes() == 0 and net.down.weight.untyped_storage().nbytes() == 0
+    assert net.table.weight.untyped_storage().nbytes() == 64 * 32 * 4
+    program = Runtime.get().load_program(str(tmp_path / "model.pte"), data_path=str(tmp_path / "model.ptd"))
+    (got,) = program.load_method("forward").execute([ids])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
