@@ -324,8 +324,8 @@ def release_delegated_weights(manager) -> int:
 def _release_weights_after_each_pass():
     """Call `release_delegated_weights` after each partitioner pass of `to_edge_transform_and_lower` (one
     `EdgeProgramManager.to_backend` call per pass, over all methods): the first pass delegates every dynamically
-    quantized linear of every method, so the int8 codes and scales of the whole model (E4B: ~5 GB) are gone before
-    the second pass and `to_executorch`, which used to hold them beside their serialized copies."""
+    quantized linear of every method, so the int8 codes and scales of the linears are gone before the second pass and
+    `to_executorch`, which used to hold them beside their serialized copies (measured: `benchmarks/README.md`)."""
     from executorch.exir.program._program import EdgeProgramManager
 
     original = EdgeProgramManager.to_backend
