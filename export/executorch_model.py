@@ -54,8 +54,7 @@ class ExecutorchExportError(ValueError):
 def torch_owned(arr: np.ndarray) -> torch.Tensor:
     """`arr`'s values in memory torch allocated (one copy). `torch.from_numpy` would share numpy's buffer, which torch
     cannot free in place; the exporter frees the weights XNNPACK has taken (`release_delegated_weights`)."""
-    src = torch.from_numpy(np.asarray(arr))
-    return torch.empty(src.shape, dtype=src.dtype).copy_(src)  # (`.numpy()` on it would make it non-resizable)
+    return torch.tensor(np.asarray(arr))  # (calling `.numpy()` on the result would make it non-resizable again)
 
 
 def intx_weight(scheme: Scheme, stored: dict[str, np.ndarray], shape: tuple[int, int], *,
