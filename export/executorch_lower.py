@@ -28,22 +28,26 @@ Partitioners: `XnnpackDynamicallyQuantizedPartitioner` (the 8da4w / 8da8w linear
 rsqrt, ...) are left to the portable kernels: XNNPACK's approximations moved the tiny model's fp32 logits by ~3e-3
 (precise: ~1e-5) and its int4 logits by a median 0.024 against the emulated eager model (precise: 3e-6).
 
-Lowering a full-size model: six patches of ExecuTorch's lowering, each a context manager below, active only inside
+Lowering a full-size model: seven patches of ExecuTorch's lowering, each a context manager below, active only inside
 `lower_program`: `_short_provenance` (provenance chains copied by every pass), `_one_sort_per_program` (one
 topological sort and one recompile per method instead of one per partition: lowering was quadratic in the layer
 count), `_share_weights_in_preprocess` (the per-partition copies handed to XNNPACK share the weight tensors),
-`_share_serialized_constants` (prefill and decode hold one serialized copy of their common weights, not one each),
-`_compact_dependency_views` (the partitioners' transitive-dependency sets as bitmasks: quadratic memory, 170x less) and
-`_release_weights_after_each_pass` (the tensors only XNNPACK delegates hold are freed once serialized: the modules
-handed to `lower_program` are consumed).
+`_spill_serialized_constants` (one copy of each serialized constant for all methods, the large ones in a temporary
+file instead of memory until the `.ptd` is written), `_serialize_each_weight_once` (a quantized weight shared by
+prefill and decode is serialized once and its int8 codes freed right then), `_compact_dependency_views` (the
+partitioners' transitive-dependency sets as bitmasks: quadratic memory, 170x less) and
+`_release_weights_after_each_pass` (what only XNNPACK delegates still hold is freed after each partitioner pass). The
+modules handed to `lower_program` are consumed.
 Full-size E2B, int4, text methods: the lowering did not finish in 25-32 minutes at 11.4-11.8 GiB before the first
-three; with them the whole export took 16 minutes at 7.49 GiB peak RSS (`benchmarks/README.md`).
+three; with them the whole export took 16 minutes at 7.49 GiB peak RSS (`benchmarks/README.md`, which also has the
+figures for the later ones).
 """
 
 from __future__ import annotations
 
 import collections.abc
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -162,37 +166,131 @@ def _share_weights_in_preprocess():
             XnnpackBackend.copy_exported_program_for_preprocess = own
 
 
+SPILL_BYTES = 1 << 16  # serialized constants at least this large are kept in a file until the program is written
+
+
 @contextlib.contextmanager
-def _share_serialized_constants():
-    """Keep ONE copy of each serialized constant across the partitions and methods being lowered.
+def _spill_serialized_constants(spill_parent: Path):
+    """Keep ONE copy of each serialized constant across the partitions and methods being lowered, and keep the large
+    ones on disk instead of in memory until the program is written.
 
     XNNPACK's preprocessing serializes every weight it delegates (`bytes(...)` of the packed tensor) into a named-data
-    store per partition, keyed by the bytes' SHA-256, and all these stores live until the program is emitted. `prefill`
-    and `decode` delegate the same weights, so every packed weight was held twice (measured on an E4B-width model:
-    +0.64 GB per method for the tied head alone). Here a store that is handed bytes already held under the same key
-    (checked equal) keeps the held object, and the new copy is dropped at once. Nothing changes in the files: ExecuTorch
-    deduplicates the buffers by content when it merges the stores."""
+    store per partition, keyed by the bytes' SHA-256, and all these stores live until the program is written: the
+    whole packed model (E4B int4: ~3 GB) stayed in memory beside everything else, and `prefill` and `decode`, which
+    delegate the same weights, held it twice. ExecuTorch's stores and writers also take `FileBackedData` (bytes in a
+    file, hashed and streamed from disk when the `.ptd` is written). Here a store handed bytes of at least
+    `SPILL_BYTES` gets them as a file in a temporary folder under `spill_parent` (removed on exit); bytes already held
+    under the same key with the same SHA-256 give the held object (the new copy is dropped at once). Nothing changes
+    in the written files: ExecuTorch deduplicates the buffers by content when it merges the stores."""
+    import tempfile
+
+    from executorch.exir._serialize._cord import FileBackedData
     from executorch.exir._serialize._named_data_store import NamedDataStore
 
     original = NamedDataStore.add_named_data
-    held: dict[tuple[str, int], bytes] = {}
+    held: dict[tuple[str, int], Any] = {}
+    spill_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".executorch-constants-", dir=spill_parent) as spill:
 
-    def add_named_data(self, key, data, *args, **kwargs):
-        if isinstance(data, bytes):
-            ident = (key, len(data))
-            known = held.get(ident)
-            if known is None:
-                held[ident] = data
-            elif known is not data and known == data:
-                data = known
-        return original(self, key, data, *args, **kwargs)
+        def add_named_data(self, key, data, *args, **kwargs):
+            if isinstance(data, bytes):
+                ident = (key, len(data))
+                known = held.get(ident)
+                if known is None:
+                    if len(data) >= SPILL_BYTES:
+                        path = os.path.join(spill, f"{len(held)}.bin")
+                        with open(path, "wb") as f:
+                            f.write(data)
+                        data = FileBackedData(path, sha256=hashlib.sha256(data).digest())
+                    held[ident] = data
+                elif known is not data and (known == data if isinstance(known, bytes)
+                                            else known.sha256() == hashlib.sha256(data).digest()):
+                    data = known
+            return original(self, key, data, *args, **kwargs)
 
-    NamedDataStore.add_named_data = add_named_data
+        NamedDataStore.add_named_data = add_named_data
+        try:
+            yield
+        finally:
+            NamedDataStore.add_named_data = original
+            held.clear()
+
+
+@contextlib.contextmanager
+def _serialize_each_weight_once():
+    """Serialize each quantized weight ONCE for all partitions and methods, and free its integers right then.
+
+    XNNPACK reads a delegated weight's int8 codes when it serializes them (`get_serialized_buffer_index`: packed to
+    int4 where the scheme says), and `prefill` and `decode` delegate the same weights, so the codes had to stay until
+    the second method was lowered: at the E4B's first partitioner pass the whole int8 model (~4.5 GB) sat beside its
+    packed copy. Here the first serialization of a codes tensor is remembered (by its storage and view, and the
+    conversion asked for) and the codes are freed in place at once (`resize_(0)`); a later partition asking for the
+    same tensor the same way gets the recorded name and bytes without reading the tensor. Only integer codes behind a
+    dequantize are handled: nothing else in XNNPACK's preprocessing reads them (its passes read scales, zero points
+    and float weights, which are left alone). Yields {storage id: tensor} of what was freed, for
+    `_release_weights_after_each_pass` to check that no method still uses one outside a delegate."""
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_schema import ConstantDataOffset
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import CONSTANT_TENSOR_ALIGNMENT
+    from executorch.backends.xnnpack.utils.utils import get_param_tensor, is_param_node
+    from executorch.backends.xnnpack.utils.xnnpack_constants import UINT64_MAX
+
+    original = NodeVisitor.get_serialized_buffer_index
+    done: dict[tuple, tuple[str, Any, torch.Tensor]] = {}
+    freed: dict[int, torch.Tensor] = {}
+
+    def get_serialized_buffer_index(self, tensor, xnn_graph, vals_to_ids, convert_to_nhwc, swap_in_out_for_weights,
+                                    quant_params, force_fp32=False, groups=1):
+        args = (tensor, xnn_graph, vals_to_ids, convert_to_nhwc, swap_in_out_for_weights, quant_params, force_fp32,
+                groups)
+        const = None
+        if quant_params is not None and is_param_node(self.exported_program, quant_params.q_input):
+            const = get_param_tensor(self.exported_program, quant_params.q_input)
+        if (not isinstance(const, torch.Tensor) or isinstance(const, torch._subclasses.FakeTensor)
+                or const.dtype not in (torch.int8, torch.uint8) or const.dtype != quant_params.dtype):
+            return original(self, *args)  # (codes of another dtype would be quantized again with the scales)
+        storage = const.untyped_storage()
+        key = (storage._cdata, const.storage_offset(), tuple(const.shape), tuple(const.stride()), const.dtype,
+               bool(convert_to_nhwc), bool(swap_in_out_for_weights), int(groups), bool(force_fp32),
+               bool(quant_params.is_qc4w), quant_params.dtype, bool(quant_params.is_dynamic))
+        entry = done.get(key)
+        if entry is None:
+            index = original(self, *args)
+            named_key = xnn_graph.constant_data[index].named_key
+            store = self._named_data_store
+            done[key] = (named_key, store.buffers[store.key_to_buffer_idx[named_key]], const)
+            if storage.resizable():
+                freed[storage._cdata] = const
+                storage.resize_(0)
+            return index
+        named_key, data, _ = entry
+        index = len(xnn_graph.constant_data)
+        xnn_graph.constant_data.append(ConstantDataOffset(offset=UINT64_MAX, size=len(data), named_key=named_key))
+        custom = tensor.meta.get("custom", None)
+        self._named_data_store.add_named_data(
+            named_key, data, alignment=CONSTANT_TENSOR_ALIGNMENT,
+            external_tag=custom.get("delegate_constant_tag", None) if custom else None)
+        return index
+
+    NodeVisitor.get_serialized_buffer_index = get_serialized_buffer_index
     try:
-        yield
+        yield freed
     finally:
-        NamedDataStore.add_named_data = original
-        held.clear()
+        NodeVisitor.get_serialized_buffer_index = original
+        done.clear()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc's `malloc_trim`; nothing elsewhere). Tensors under glibc's
+    mmap threshold (which grows to 32 MB as large blocks are freed) live in the heap, and freeing them does not
+    lower the process's RSS until the heap is trimmed."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _NodeSet(collections.abc.Set):
@@ -320,20 +418,35 @@ def release_delegated_weights(manager) -> int:
     return freed
 
 
+def _check_freed_weights_unused(manager, freed: dict[int, torch.Tensor]) -> None:
+    """Raise if a method of `manager` still uses, outside its delegates, a weight `_serialize_each_weight_once` freed
+    (running or emitting it would read freed memory). Never seen: every method that holds a quantized weight delegates
+    all its uses to XNNPACK."""
+    for method, program in manager._edge_programs.items():
+        for values in (program.state_dict, program.constants):
+            for name, t in values.items():
+                if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata in freed:
+                    raise RuntimeError(f"ExecuTorch lowering: method {method!r} uses {name!r} outside XNNPACK, but its "
+                                       "integers were freed once XNNPACK serialized them (export/executorch_lower.py)")
+
+
 @contextlib.contextmanager
-def _release_weights_after_each_pass():
-    """Call `release_delegated_weights` after each partitioner pass of `to_edge_transform_and_lower` (one
-    `EdgeProgramManager.to_backend` call per pass, over all methods): the first pass delegates every dynamically
-    quantized linear of every method, so the int8 codes and scales of the linears are gone before the second pass and
-    `to_executorch`, which used to hold them beside their serialized copies (measured: `benchmarks/README.md`)."""
+def _release_weights_after_each_pass(freed: dict[int, torch.Tensor]):
+    """After each partitioner pass of `to_edge_transform_and_lower` (one `EdgeProgramManager.to_backend` call per
+    pass, over all methods): check that no method uses a weight freed while serializing (`freed`, from
+    `_serialize_each_weight_once`) outside a delegate, call `release_delegated_weights` (what only delegates still
+    hold: scales, zero points, float weights) and trim the heap."""
     from executorch.exir.program._program import EdgeProgramManager
 
     original = EdgeProgramManager.to_backend
 
     def to_backend(self, *args, **kwargs):
         manager = original(self, *args, **kwargs)
-        freed = release_delegated_weights(manager)
-        log.info("executorch: released %.1f MiB of delegated weights", freed / 2**20)
+        _check_freed_weights_unused(manager, freed)
+        released = release_delegated_weights(manager)
+        _trim_heap()
+        log.info("executorch: released %.1f MiB of delegated weights (%d codes tensors freed while serializing)",
+                 released / 2**20, len(freed))
         return manager
 
     EdgeProgramManager.to_backend = to_backend
@@ -382,9 +495,14 @@ def lower_program(methods: dict[str, tuple[nn.Module, tuple, Any]], out_dir: Pat
     `out_dir/<name>.pte` and `out_dir/model.ptd`. Returns timings and file names.
 
     The modules are CONSUMED: the weights their XNNPACK delegates took are freed while lowering
-    (`release_delegated_weights`); build them again to run them eagerly."""
-    with (_short_provenance(), _one_sort_per_program(), _share_weights_in_preprocess(), _share_serialized_constants(),
-          _compact_dependency_views(), _release_weights_after_each_pass()):
+    (`_serialize_each_weight_once`, `release_delegated_weights`); build them again to run them eagerly. The large
+    serialized weights wait in a temporary folder under `out_dir` (removed before returning) until the `.ptd` is
+    written: the disk needs about the `.ptd`'s size twice."""
+    with contextlib.ExitStack() as stack:
+        for patch in (_short_provenance(), _one_sort_per_program(), _share_weights_in_preprocess(),
+                      _spill_serialized_constants(out_dir), _compact_dependency_views()):
+            stack.enter_context(patch)
+        stack.enter_context(_release_weights_after_each_pass(stack.enter_context(_serialize_each_weight_once())))
         return _lower(methods, out_dir, precise=precise, name=name)
 
 

@@ -117,7 +117,7 @@ def load_et_model(checkpoint: str | Path, *, context: int, text_only: bool = Fal
     if not (path / "quant_manifest.json").is_file():  # float Hugging Face checkpoint: plain float32
         model = load_model(path, text_only=text_only, max_len=context)
         lm = model.language_model
-        head = nn.Linear(lm.cfg.hidden_size, lm.cfg.vocab_size, bias=False)
+        head = nn.Linear(lm.cfg.hidden_size, lm.cfg.vocab_size, bias=False, device="meta")  # weight set below
         head.weight = lm.embed_tokens.weight
         lm._modules.pop("embed_tokens_per_layer")
         return EtModel(cfg=model.cfg, model=model.eval(), table=lm.embed_tokens, head=head, schemes={})
@@ -177,7 +177,7 @@ def load_et_model(checkpoint: str | Path, *, context: int, text_only: bool = Fal
         emb = hf(EMBED)
         scheme, shape = qc.schemes[emb], tuple(qc.entry(emb)["shape"])
         stored = qc.stored(emb)
-        head = nn.Linear(shape[1], shape[0], bias=False)
+        head = nn.Linear(shape[1], shape[0], bias=False, device="meta")  # no [V, H] float32 init (E4B: 2.7 GB)
         if scheme is None:
             w = torch_owned(np.asarray(stored["tensor"], dtype=np.float32))
             _swap_weight(lm.embed_tokens, w)

@@ -126,7 +126,7 @@ def load_export_model(checkpoint: str | Path, *, text_only: bool = False, emulat
     if qc is None:  # a float Hugging Face checkpoint: plain float32 export
         model = load_model(path, text_only=text_only, mmap_embeddings=True)
         w = model.language_model.embed_tokens.weight
-        head = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        head = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # weight set below
         head.weight = nn.Parameter(w.float().contiguous(), requires_grad=False)
         layout = load_config(path).model_type
         names = {hf_name(n, layout) or n: "float" for n in model.state_dict() if n != PLE}
@@ -194,7 +194,7 @@ def load_export_model(checkpoint: str | Path, *, text_only: bool = False, emulat
         shape = tuple(qc.entry(emb_name)["shape"])
         schemes[emb_name] = "float" if emb_scheme is None else emb_scheme.label
         if emb_scheme is None:
-            head = nn.Linear(shape[1], shape[0], bias=False)
+            head = nn.Linear(shape[1], shape[0], bias=False, device="meta")  # weight set below
             head.weight = nn.Parameter(torch.from_numpy(np.asarray(emb_stored["tensor"], np.float32)),
                                        requires_grad=False)
         else:

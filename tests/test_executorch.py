@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -157,30 +158,110 @@ def test_xnnpack_linear_is_dequantized_activations_times_dequantized_weights():
     torch.testing.assert_close(y, a @ wd.T, rtol=1e-5, atol=1e-6)
 
 
-def test_lowering_keeps_one_copy_of_equal_serialized_constants():
-    """`_share_serialized_constants`: two named-data stores (two partitions / methods) handed equal bytes under one key
-    hold the SAME bytes object (the second copy is dropped); different bytes are kept apart, and ExecuTorch still
-    refuses one key with different data; the patch is undone on exit."""
+def test_lowering_keeps_one_copy_of_each_serialized_constant_and_the_large_ones_on_disk(tmp_path):
+    """`_spill_serialized_constants`: two named-data stores (two partitions / methods) handed equal bytes under one key
+    hold the SAME object (the second copy is dropped); bytes of at least `SPILL_BYTES` are held as a file with the
+    same content; different bytes are kept apart and ExecuTorch still refuses one key with different data; on exit
+    the files are gone and the patch is undone."""
+    from executorch.exir._serialize._cord import FileBackedData
     from executorch.exir._serialize._named_data_store import NamedDataStore
 
-    from edge_gemma.export.executorch_lower import _share_serialized_constants
+    from edge_gemma.export.executorch_lower import SPILL_BYTES, _spill_serialized_constants
 
-    payload = np.arange(4096, dtype=np.int32).tobytes()
+    small = np.arange(SPILL_BYTES // 8, dtype=np.int32).tobytes()
+    large = np.arange(SPILL_BYTES // 2, dtype=np.int32).tobytes()
     original = NamedDataStore.add_named_data
-    with _share_serialized_constants():
+    with _spill_serialized_constants(tmp_path):
         a, b = NamedDataStore(), NamedDataStore()
-        a.add_named_data("w", bytes(bytearray(payload)), external_tag="model")
-        b.add_named_data("w", bytes(bytearray(payload)), external_tag="model")
-        assert a.buffers[0] is b.buffers[0]
-        b.add_named_data("v", bytes(bytearray(payload[::-1])), external_tag="model")
-        assert b.buffers[1] is not b.buffers[0] and b.buffers[1] == payload[::-1]
-        with pytest.raises(ValueError, match="different data"):
-            a.add_named_data("w", bytes(len(payload)), external_tag="model")
+        for key, payload in (("s", small), ("l", large)):
+            a.add_named_data(key, bytes(bytearray(payload)), external_tag="model")
+            b.add_named_data(key, bytes(bytearray(payload)), external_tag="model")
+        assert a.buffers[0] is b.buffers[0] and a.buffers[0] == small
+        assert a.buffers[1] is b.buffers[1] and isinstance(a.buffers[1], FileBackedData)
+        assert a.buffers[1].to_bytes() == large
+        spilled = list(tmp_path.rglob("*.bin"))
+        assert len(spilled) == 1 and spilled[0].stat().st_size == len(large)
+        b.add_named_data("v", bytes(bytearray(small[::-1])), external_tag="model")
+        assert b.buffers[2] is not b.buffers[0] and b.buffers[2] == small[::-1]
+        for key, payload in (("s", small), ("l", large)):
+            with pytest.raises(ValueError, match="different data"):
+                a.add_named_data(key, bytes(len(payload)), external_tag="model")
     assert NamedDataStore.add_named_data is original
+    assert list(tmp_path.iterdir()) == []
     c, d = NamedDataStore(), NamedDataStore()
-    c.add_named_data("w", bytes(bytearray(payload)))
-    d.add_named_data("w", bytes(bytearray(payload)))
-    assert c.buffers[0] is not d.buffers[0]  # without the patch each store holds its own copy
+    c.add_named_data("w", bytes(bytearray(large)))
+    d.add_named_data("w", bytes(bytearray(large)))
+    assert c.buffers[0] is not d.buffers[0] and isinstance(c.buffers[0], bytes)  # without the patch: a copy each
+
+
+class _QuantizedPair(torch.nn.Module):
+    """Two linears over our own int4 / int8 integers (`intx_weight`, 8da4w / 8da8w), for methods that share them."""
+
+    def __init__(self):
+        from edge_gemma.export.executorch_model import intx_weight
+        from edge_gemma.quantize.schemes import Int4Group, Int8PerChannel
+
+        super().__init__()
+        rng = np.random.default_rng(0)
+        self.up, self.down = torch.nn.Linear(128, 256, bias=False), torch.nn.Linear(256, 64, bias=False)
+        for layer, scheme in ((self.up, Int4Group(group_size=32)), (self.down, Int8PerChannel())):
+            shape = tuple(layer.weight.shape)
+            stored = scheme.encode((rng.standard_normal(shape) / shape[1] ** 0.5).astype(np.float32))
+            layer.weight = torch.nn.Parameter(intx_weight(scheme, stored, shape, dynamic_activations=True),
+                                              requires_grad=False)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def test_lowering_serializes_each_shared_quantized_weight_once_and_frees_its_codes(tmp_path, monkeypatch):
+    """`_serialize_each_weight_once`: two methods delegating the same int4 and int8 linears (as prefill and decode
+    do) make XNNPACK serialize each codes tensor ONCE (counted at XNNPACK's own serializer, which always finds the
+    codes still there), the codes are freed, and the written `.pte` and `.ptd` are byte for byte those of a lowering
+    without this patch and `_spill_serialized_constants` (the spill threshold lowered so the weights go to disk)."""
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+    from executorch.backends.xnnpack.utils.utils import get_param_tensor, is_param_node
+
+    from edge_gemma.export import executorch_lower
+
+    serialized = []
+    xnnpack_serialize = NodeVisitor.get_serialized_buffer_index
+
+    def counting(self, tensor, xnn_graph, vals_to_ids, convert_to_nhwc, swap, quant_params, *args, **kwargs):
+        if quant_params is not None and is_param_node(self.exported_program, quant_params.q_input):
+            codes = get_param_tensor(self.exported_program, quant_params.q_input)
+            assert codes.dtype == torch.int8 and codes.untyped_storage().nbytes() == codes.numel()  # not freed yet
+            serialized.append(quant_params.q_input.name)
+        return xnnpack_serialize(self, tensor, xnn_graph, vals_to_ids, convert_to_nhwc, swap, quant_params, *args,
+                                 **kwargs)
+
+    def lower(out):
+        torch.manual_seed(0)
+        net = _QuantizedPair().eval()
+        x = torch.randn(1, 3, 128)
+        methods = {"prefill": (net, (x,), ({1: torch.export.Dim("seq", min=1, max=8)},)),
+                   "decode": (net, (x[:, :1],), None)}
+        executorch_lower.lower_program(methods, out, precise=True)
+        return net
+
+    monkeypatch.setattr(NodeVisitor, "get_serialized_buffer_index", counting)
+    monkeypatch.setattr(executorch_lower, "SPILL_BYTES", 1024)
+    net = lower(tmp_path / "ours")
+    ours = list(serialized)
+    assert net.up.weight.qdata.untyped_storage().nbytes() == net.down.weight.qdata.untyped_storage().nbytes() == 0
+
+    @contextlib.contextmanager
+    def unpatched(*args):
+        yield {}
+
+    serialized.clear()
+    monkeypatch.setattr(executorch_lower, "_serialize_each_weight_once", unpatched)
+    monkeypatch.setattr(executorch_lower, "_spill_serialized_constants", unpatched)
+    lower(tmp_path / "plain")
+    assert len(ours) == 2 and len(serialized) == 4  # two codes tensors, serialized once each instead of per method
+    for name in ("model.pte", "model.ptd"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["model.ptd", "model.pte"]  # spill folder gone
 
 
 def _branchy_graph(width: int = 3, depth: int = 40):
