@@ -214,12 +214,16 @@ class DecoderMethod(nn.Module):
 
     The eager `TextDecoder` with its static caches (`layers.i.self_attn.kv_cache.{k,v}_cache`, cache-owning layers
     only) and `last_only=True`; its tied head is swapped for `head` (the quantized linear over the table's
-    integers)."""
+    integers). One-token steps (`decode`, and the KV-shared layers of `prefill`, which run on the last position only)
+    attend key-major (`TextAttention._attend_one_query`): SDPA's decomposition copied the whole K cache per layer
+    and per token (transposed, scaled, expanded), most of a decode step at 4096 slots."""
 
     def __init__(self, lm: nn.Module, head: nn.Module):
         super().__init__()
         lm.export_head = head
         lm.logits = types.MethodType(_head_logits, lm)
+        for layer in lm.layers:
+            layer.self_attn.one_query_by_key_rows = True
         self.lm = lm
 
     def forward(self, inputs_embeds: torch.Tensor, ple_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
