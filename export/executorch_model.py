@@ -222,8 +222,7 @@ class DecoderMethod(nn.Module):
         super().__init__()
         lm.export_head = head
         lm.logits = types.MethodType(_head_logits, lm)
-        for layer in lm.layers:
-            layer.self_attn.one_query_by_key_rows = True
+        lm.attend_one_query_key_major()
         self.lm = lm
 
     def forward(self, inputs_embeds: torch.Tensor, ple_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

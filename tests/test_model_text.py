@@ -130,8 +130,7 @@ def test_one_query_key_major_attention_matches_reference(pair, tiny_checkpoints,
     ref, _, _ = pair(variant)
     model = load_model(tiny_checkpoints[variant], max_len=128)
     lm = model.language_model
-    for layer in lm.layers:
-        layer.self_attn.one_query_by_key_rows = True
+    lm.attend_one_query_key_major()
     ids = prompt(model, long_len(model) + 6, seed=5)
     S, P = ids.shape[1], ids.shape[1] - 6
     calls = []

@@ -102,7 +102,7 @@ class TextAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, h, bias=False)
         self.kv_cache: KVCache | None = None
 
-    # Set by the ExecuTorch exporter (export/executorch_model.py): a one-query step attends by `_attend_one_query`.
+    # On for the ExecuTorch export (`TextDecoder.attend_one_query_key_major`): one-query steps use `_attend_one_query`.
     one_query_by_key_rows = False
 
     def forward(
@@ -262,6 +262,12 @@ class TextDecoder(nn.Module):
         slot_pos = torch.full((self.ring_len,), -1, dtype=torch.long, device=device) if ring else None
         self.register_buffer("sliding_slot_pos", slot_pos, persistent=False)
         self.max_len = max_len
+
+    def attend_one_query_key_major(self) -> None:
+        """Every layer's one-token steps attend by `TextAttention._attend_one_query` (same math; what an exported
+        one-token program should run, see there). Longer chunks keep SDPA."""
+        for layer in self.layers:
+            layer.self_attn.one_query_by_key_rows = True
 
     @property
     def prefill_capacity(self) -> int | None:
