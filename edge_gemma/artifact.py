@@ -35,7 +35,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PAGE = 4096  # alignment of raw tensor files such as ple.bin, so they can be memory-mapped page by page
 
-__all__ = ["Artifact", "ArtifactError", "ArtifactWriter", "SCHEMA_VERSION", "sha256_file"]
+__all__ = ["Artifact", "ArtifactError", "ArtifactWriter", "BackendEntry", "SCHEMA_VERSION", "sha256_file"]
 
 
 class ArtifactError(ValueError):
@@ -214,3 +214,46 @@ class Artifact:
     @property
     def backends(self) -> dict[str, Any]:
         return self.manifest.get("backends", {})
+
+    def backend_entry(self, name: str, *, absent: type[Exception] = ArtifactError) -> "BackendEntry":
+        """The manifest entry of backend `name`, parsed (`BackendEntry`); `absent` is raised when the artifact has no
+        such backend, `ArtifactError` when the entry is malformed."""
+        if not self.backends.get(name):
+            raise absent(f"{self.root}: this artifact has no {name} backend (manifest backends: "
+                         f"{sorted(self.backends)})")
+        return BackendEntry.parse(self, name)
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """The fields every backend's manifest entry has, typed; `raw` keeps the whole entry for backend-specific keys."""
+
+    name: str
+    files: dict[str, Any]
+    context: int
+    max_prefill_chunk: int
+    hidden_size: int
+    vocab_size: int
+    ple_layers: int
+    ple_dim: int
+    raw: dict[str, Any]
+
+    @classmethod
+    def parse(cls, artifact: "Artifact", name: str) -> "BackendEntry":
+        entry = artifact.backends.get(name)
+        try:
+            return cls(name=name, files=dict(entry["files"]), context=int(entry["context"]),
+                       max_prefill_chunk=int(entry["max_prefill_chunk"]), hidden_size=int(entry["hidden_size"]),
+                       vocab_size=int(entry["vocab_size"]), ple_layers=int(entry["ple"]["num_layers"]),
+                       ple_dim=int(entry["ple"]["dim"]), raw=entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{artifact.root}: manifest backends.{name} is malformed ({exc!r})") from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+    def require(self, artifact: "Artifact", key: str) -> Any:
+        """A backend-specific key that must be present (the same error as a malformed common field)."""
+        if key not in self.raw:
+            raise ArtifactError(f"{artifact.root}: manifest backends.{self.name} is malformed (no {key!r})")
+        return self.raw[key]

@@ -12,7 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("edge_gemma.verify", "compare our model with the transformers reference on a checkpoint"),
     "quantize": ("edge_gemma.quantize.cli", "quantize a checkpoint once (int8/int4) and report what it costs"),
-    "export": ("edge_gemma.commands.export", "export a checkpoint to an artifact (onnx; executorch, litert later)"),
+    "export": ("edge_gemma.commands.export", "export a checkpoint to an artifact (onnx, executorch, litert)"),
     "run": ("edge_gemma.commands.run", "answer one prompt with an artifact, streamed to stdout"),
     "chat": ("edge_gemma.commands.chat", "multi-turn chat with an artifact, one message per line of stdin"),
     "inspect": ("edge_gemma.commands.inspect", "show an artifact's manifest; --verify checks every checksum"),

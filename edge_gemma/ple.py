@@ -5,10 +5,10 @@ tensor of the model, yet each token reads only one row of it. Every backend's de
 rows as an input, and the engine reads them from this file a row at a time.
 
 How the rows are read: `os.pread` of each row's bytes (with `POSIX_FADV_RANDOM`, so the kernel does not read ahead),
-not a fault on a memory map. A mapping was the first design, and measured badly on the synthetic E2B: when the file
-sits in the page cache in large folios (right after the export wrote it, or after anything read it sequentially),
-one fault on a 8.75 KiB row mapped ~540 KiB into the process (fault-around and whole folios), so a 512-token
-generation left 6-10 % of the 2.2 GiB file resident in the process; `madvise(MADV_RANDOM)` did not change it. With
+not a fault on a memory map. A mapping was the first design, and it kept far more of the file resident than the rows
+read: when the file sits in the page cache in large folios (right after the export wrote it, or after anything read
+it sequentially), one fault on a row maps many times the row's size into the process (fault-around and whole
+folios), and `madvise(MADV_RANDOM)` does not change that (figures: benchmarks/README.md). With
 `pread` the process maps nothing of the file and holds only the rows it copied; what stays in the (reclaimable,
 shared) page cache is measured separately by `edge-gemma bench` (mincore). `maps` still offers whole-segment numpy
 memmaps for readers of whole segments (checks, tests).

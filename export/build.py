@@ -79,6 +79,7 @@ class ExportJob:
     caches: dict[str, Any]  # the manifest's default cache description (see `cache_layout`)
     progress: bool = True
     text_only: bool = False  # embedder + decoder only: no vision/audio graphs (the artifact refuses images/audio)
+    executorch_precise: bool = True  # ExecuTorch: XNNPACK's approximate transcendentals left to portable kernels
 
     @property
     def out_dir(self) -> Path:
@@ -279,9 +280,9 @@ def _copy_tokenizer(writer: ArtifactWriter, src: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ fidelity
 def release_memory() -> None:
     """Collect garbage (the eager models hold reference cycles, so `del` alone frees nothing) and hand glibc's free
-    heap back to the system (`malloc_trim`): the graph exports leave ~2.5 GB of freed heap behind on E2B, which would
-    otherwise stay in the process while the fidelity check loads its reference and the backend. Measured on the
-    synthetic E2B (int4, all ONNX graphs + check): peak RSS 9.4 GiB before, see benchmarks/README.md after."""
+    heap back to the system (`malloc_trim`): the graph exports leave much freed heap behind at full size,
+    which would otherwise stay in the process while the fidelity check loads its reference and the backend (the
+    export's peak before and after: benchmarks/README.md)."""
     gc.collect()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -293,8 +294,8 @@ def release_memory() -> None:
 def _reference_logits(reference_ckpt: Path, tokenizer_dir: Path, context: int, tokens: int,
                       progress: bool) -> tuple[list[int], np.ndarray]:
     """The held-out ids and the float reference's teacher-forced logits `[n, V]`, computed BEFORE anything is
-    exported: the reference's weights (E2B: 4.3 GiB of mapped bf16 pages) are then never resident together with
-    what the exporters leave live (E2B: 2.7 GiB), and are released (`release_memory`) before the first step."""
+    exported: the reference's weights (mapped bf16 pages) are then never resident together with what the exporters
+    leave live, and are released (`release_memory`) before the first step."""
     from edge_gemma.processor import Processor
 
     proc = Processor.from_dir(tokenizer_dir)
@@ -349,17 +350,9 @@ def _fidelity(root: Path, ids: list[int], reference: np.ndarray, weights: Path, 
     return out
 
 
-def _run_exporter(name: str, job: ExportJob, writer: ArtifactWriter) -> dict[str, Any]:
-    """Call the backend's exporter: `export_backend(job)`, or the `export_<name>(checkpoint, writer, context=,
-    max_prefill_chunk=)` form (export/onnx.py)."""
-    module = importlib.import_module(f"edge_gemma.export.{name}")
-    if hasattr(module, "export_backend"):
-        return module.export_backend(job)
-    fn = getattr(module, f"export_{name}", None)
-    if fn is None:
-        raise ExportError(f"{module.__name__} has neither export_backend(job) nor export_{name}(...)")
-    kwargs = {"text_only": True} if job.text_only else {}
-    return fn(job.checkpoint, writer, context=job.context, max_prefill_chunk=job.max_prefill_chunk, **kwargs)
+def _run_exporter(name: str, job: ExportJob) -> dict[str, Any]:
+    """The backend's exporter: `edge_gemma.export.<name>.export_backend(job)`."""
+    return importlib.import_module(f"edge_gemma.export.{name}").export_backend(job)
 
 
 def backend_files(entry: dict[str, Any]) -> list[str]:
@@ -385,6 +378,7 @@ def build_artifact(
     name: str | None = None,
     progress: bool = True,
     text_only: bool = False,
+    executorch_precise: bool = True,
     on_backend_written: Callable[[str], None] | None = None,
 ) -> BuildReport:
     """Export `checkpoint` (a directory, or `default`) to the artifact directory `out`. `text_only`: no vision/audio
@@ -429,9 +423,10 @@ def build_artifact(
         for b in backends:
             job = ExportJob(config=config, checkpoint=weights, quantized=quantized, recipe=str(recipe),
                             context=context, max_prefill_chunk=max_prefill_chunk, artifact_root=writer.root,
-                            folder=b, caches=writer.manifest["caches"], progress=progress, text_only=text_only)
+                            folder=b, caches=writer.manifest["caches"], progress=progress, text_only=text_only,
+                            executorch_precise=executorch_precise)
             log.info("exporting %s", b)
-            entry = _run_exporter(b, job, writer)
+            entry = _run_exporter(b, job)
             if not isinstance(entry, dict):
                 raise ExportError(f"edge_gemma.export.{b}.export_backend returned {type(entry).__name__}, not a dict")
             towers = [k for k in ("vision", "audio") if isinstance(entry.get("files"), dict) and entry["files"].get(k)]

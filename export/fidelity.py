@@ -19,8 +19,8 @@ dequantized copy) does not fit the 8 GB export target. The held-out text needs n
 TEXT model only; its embedding tables stay memory-mapped; a checkpoint stored in 16 bits (every Gemma 4 release, bf16)
 keeps its linear weights in that dtype and each linear upcasts its weight to float32 when it runs, so every product
 and sum is float32 and the logits equal a float32 model's (the upcast is exact); the tied head runs over the vocabulary
-in slices, so the float32 copy of the 0.4 G-value table never exists. Resident: the stored weights (E2B: 3.0 GB of
-linears + the touched pages of the 0.8 GB table), not 4 bytes per parameter. The eager model on the dequantized
+in slices, so the float32 copy of the 0.4 G-value table never exists. Resident: the stored weights (the linears in
+their 16-bit dtype + the touched pages of the bf16 table), not 4 bytes per parameter. The eager model on the dequantized
 weights (`eager-dequantized`) is float32 throughout (E2B: ~9.4 GB), so `dequantized_fits` keeps it to models whose
 float32 weights fit `DEQUANTIZED_BUDGET_BYTES`; above it the figure is left out and the manifest's `notes` say why.
 """
@@ -145,11 +145,12 @@ def reference_backend(checkpoint: str | Path, *, context: int) -> Backend:
     Its logits equal those of `load_model(checkpoint)` in float32 (tested): a 16-bit checkpoint's linears upcast
     their weights per call; a float32 checkpoint is loaded in float32 as it is."""
     import torch
-    import torch.nn.functional as F
     from torch import nn
 
     from edge_gemma.checkpoint import EMBEDDING_TABLES, checkpoint_tensors, load_model
     from edge_gemma.eager_backend import EagerBackend
+
+    from .common import replace_modules
 
     path = Path(checkpoint)
     dtypes = {info.dtype for name, info in checkpoint_tensors(path).items() if info.dtype in ("F32", "F16", "BF16")}
@@ -158,12 +159,10 @@ def reference_backend(checkpoint: str | Path, *, context: int) -> Backend:
     lm = model.language_model
     if storage is not None:
         upcast = _upcast_linear_class()
+        replace_modules(model, nn.Linear, upcast)  # weights stay 16-bit; float32 only while they run
         tables = {id(model.get_parameter(n)) for n in EMBEDDING_TABLES}
         for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.__class__ = upcast  # weight stays 16-bit; float32 only while it runs
-                if module.bias is not None:
-                    module.bias.data = module.bias.data.float()
+            if isinstance(module, upcast):
                 continue
             for name, param in module.named_parameters(recurse=False):
                 if id(param) not in tables:
@@ -172,14 +171,7 @@ def reference_backend(checkpoint: str | Path, *, context: int) -> Backend:
                 if buf is not None and buf.is_floating_point():
                     setattr(module, name, buf.float())
 
-        def logits(h: torch.Tensor) -> torch.Tensor:  # the tied head over the 16-bit table, a slice at a time
-            w = lm.embed_tokens.weight
-            out = torch.cat([F.linear(h, w[a:a + _HEAD_SLICE].to(h.dtype)) for a in range(0, w.shape[0], _HEAD_SLICE)],
-                            dim=-1)  # (B, S, V)
-            cap = lm.cfg.final_logit_softcapping
-            return torch.tanh(out / cap) * cap if cap is not None else out
-
-        lm.logits = logits
+        lm.lm_head = SlicedTiedHead()
     lm.setup_caches(context, dtype=torch.float32)
     return EagerBackend(model)
 
@@ -191,7 +183,12 @@ def _upcast_linear_class():
         import torch.nn.functional as F
         from torch import nn
 
-        class UpcastLinear(nn.Linear):
+        class UpcastLinear(nn.Module):
+            def __init__(self, linear: nn.Linear):
+                super().__init__()
+                self.weight = linear.weight
+                self.bias = None if linear.bias is None else nn.Parameter(linear.bias.float(), requires_grad=False)
+
             def forward(self, x):
                 return F.linear(x, self.weight.to(x.dtype), self.bias)
 
@@ -200,3 +197,20 @@ def _upcast_linear_class():
 
 
 _UPCAST_LINEAR = None
+
+
+def SlicedTiedHead():  # noqa: N802 - builds the module lazily (no torch at import)
+    """The tied head over a 16-bit table, `_HEAD_SLICE` vocabulary rows at a time in float32 (never the whole table
+    upcast)."""
+    import torch
+    import torch.nn.functional as F
+
+    from edge_gemma.model.text import TiedHead
+
+    class _SlicedTiedHead(TiedHead):
+        def forward(self, h, table):
+            w = table.weight
+            return torch.cat([F.linear(h, w[a:a + _HEAD_SLICE].to(h.dtype)) for a in range(0, w.shape[0], _HEAD_SLICE)],
+                             dim=-1)  # (B, S, V)
+
+    return _SlicedTiedHead()

@@ -297,9 +297,9 @@ def quality_report(src: str | os.PathLike, quant_dir: str | os.PathLike, batches
     dynamically quantized linear, ORT MatMulNBits ``accuracy_level=4``); see :func:`activation_quant`. The result's
     ``activations`` field says what was emulated.
 
-    Memory: two float32 text models (for E2B about 2 x 18 GiB with the embedding tables): fine for the tiny and
-    reduced models, too much for a full-size checkpoint on a 24 GB machine (a quantized-embedding eager path would fix
-    that; not done yet)."""
+    Memory: two float32 text models (E2B: 4.63 G parameters, 18.5 GB each with the embedding tables): fine for the
+    tiny and reduced models, too much for a full-size checkpoint on a 24 GB machine (a quantized-embedding eager path
+    would fix that; not done yet)."""
     from edge_gemma.checkpoint import load_model
     from edge_gemma.config import load_config
 

@@ -34,8 +34,9 @@ class RecipeError(ValueError):
     """Unknown recipe, malformed recipe in a manifest, or a tensor the role table cannot place."""
 
 
-# The role table. Names are Hugging Face names (gemma4-architecture.md, section 10 and Appendix B). The text decoder
-# is `model.language_model.` in Gemma4ForConditionalGeneration checkpoints and `model.` in Gemma4ForCausalLM ones.
+# The role table. Names are Hugging Face names (the state dict of transformers' `Gemma4ForConditionalGeneration`).
+# The text decoder is `model.language_model.` in Gemma4ForConditionalGeneration checkpoints and `model.` in
+# Gemma4ForCausalLM ones.
 _TEXT = r"^model\.(language_model\.)?"
 LINEAR_PATTERNS: tuple[str, ...] = (
     _TEXT + r"layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight$",

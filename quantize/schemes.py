@@ -66,6 +66,8 @@ __all__ = [
     "pack_uint4",
     "unpack_uint4",
     "pack_int4_high_first",
+    "pack_int4_low_first",
+    "unpack_int4_low_first",
     "relative_error",
     "matmul_nbits_arrays",
 ]
@@ -160,6 +162,24 @@ def pack_int4_high_first(q: np.ndarray) -> np.ndarray:
         raise SchemeError(f"cannot pack an odd number ({q.shape[-1]}) of 4-bit codes per row")
     nib = (q & 0x0F).astype(np.uint8)
     return ((nib[..., 0::2] << 4) | nib[..., 1::2]).astype(np.uint8)
+
+
+def pack_int4_low_first(codes: np.ndarray) -> np.ndarray:
+    """Signed int4 codes -> two's-complement nibbles, element 2i in the LOW nibble, flattened (TFLite's INT4 buffer
+    layout; an odd count is padded with a zero code)."""
+    flat = np.asarray(codes, dtype=np.int8).reshape(-1)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    nib = (flat.astype(np.uint8) & 0x0F).reshape(-1, 2)
+    return (nib[:, 0] | (nib[:, 1] << 4)).astype(np.uint8)
+
+
+def unpack_int4_low_first(raw: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_int4_low_first`: bytes -> the first `count` signed int4 codes (int8, flat)."""
+    raw = np.asarray(raw, dtype=np.uint8).reshape(-1)
+    lo, hi = (raw & 0x0F).astype(np.int8), (raw >> 4).astype(np.int8)
+    nib = np.stack([lo, hi], -1).reshape(-1)[:count]
+    return np.where(nib > 7, nib - 16, nib).astype(np.int8)
 
 
 def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
@@ -395,21 +415,34 @@ class Int4GroupAsym(Int4Group):
         return ((ug - zg) * quantized["scales"][:, :, None].astype(np.float32)).reshape(n, k)
 
 
-def matmul_nbits_arrays(scheme: Int4Group, stored: dict[str, np.ndarray],
-                        shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Our int4 arrays as ONNX Runtime ``MatMulNBits`` inputs (bits=4, block_size=G, K and N attributes = shape):
-    ``B`` uint8 ``[N, K/G, G/2]``, ``scales`` float32 ``[N * K/G]``, and for the asymmetric scheme ``zero_points`` uint8
-    ``[N * ceil((K/G) / 2)]`` (absent: the implicit zero point 8). Pure reshapes: no byte changes."""
-    if not isinstance(scheme, Int4Group):
-        raise SchemeError(f"MatMulNBits takes the int4 group schemes, not {scheme.label}")
+def matmul_nbits_arrays(scheme: Scheme, stored: dict[str, np.ndarray], shape: tuple[int, ...], *,
+                        int8_block_size: int | None = None) -> dict[str, Any]:
+    """Our arrays as ONNX Runtime ``MatMulNBits`` inputs and attributes, by pure re-arrangement (no byte of a code or
+    a scale changes): ``B`` uint8 ``[N, K/block, block/2]`` (int4) or ``[N, K/block, block]`` (int8), ``scales`` float32
+    ``[N * K/block]``, ``zero_points`` for the asymmetric scheme (``[N * ceil((K/G) / 2)]`` packed nibbles; absent: the
+    implicit zero point 8 or 128), ``bits`` and ``block_size``.
+
+    int4 groups are MatMulNBits' own layout (offset-binary, low nibble first). int8 per channel becomes bits=8 with
+    the codes offset to ``q + 128`` (``q XOR 0x80`` on the byte) and the row scale repeated for every block of
+    ``int8_block_size`` along K (which only sets how the kernel blocks its int8 activations)."""
     scheme.unpack(stored, tuple(shape))  # validates shapes and dtypes
     n, k = shape
-    g = scheme.group_size
-    out = {"B": stored["qdata"].reshape(n, k // g, g // 2),
-           "scales": np.asarray(stored["scales"], np.float32).reshape(-1)}
-    if "zeros" in stored:
-        out["zero_points"] = stored["zeros"].reshape(-1)
-    return out
+    if isinstance(scheme, Int4Group):  # includes Int4GroupAsym
+        g = scheme.group_size
+        out = {"B": np.ascontiguousarray(stored["qdata"], dtype=np.uint8).reshape(n, k // g, g // 2),
+               "scales": np.ascontiguousarray(stored["scales"], dtype=np.float32).reshape(-1), "bits": 4,
+               "block_size": g}
+        if "zeros" in stored:
+            out["zero_points"] = np.ascontiguousarray(stored["zeros"], dtype=np.uint8).reshape(-1)
+        return out
+    if isinstance(scheme, Int8PerChannel):
+        bs = int8_block_size
+        if bs is None or k % bs:
+            raise SchemeError(f"int8 MatMulNBits needs a block size dividing K={k}, got {bs}")
+        b = (np.asarray(stored["qdata"]).view(np.uint8) ^ np.uint8(0x80)).reshape(n, k // bs, bs)
+        scales = np.repeat(np.asarray(stored["scales"], dtype=np.float32).reshape(n, 1), k // bs, axis=1).reshape(-1)
+        return {"B": b, "scales": scales, "bits": 8, "block_size": bs}
+    raise SchemeError(f"scheme {scheme.label} has no MatMulNBits form")
 
 
 _SCHEMES: dict[str, type[Scheme]] = {cls.kind: cls for cls in (Int8PerChannel, Int4Group, Int4GroupAsym)}

@@ -1,6 +1,6 @@
 """ExecuTorch backend: runs an artifact's `executorch/model.pte` (+ `model.ptd`) through ExecuTorch's Python runtime.
 
-Methods (see `export/executorch_lower.py`): `embed`, `prefill` (1..max_prefill_chunk tokens), `decode` (one token),
+Methods (see `export/executorch/lower.py`): `embed`, `prefill` (1..max_prefill_chunk tokens), `decode` (one token),
 `vision`, `audio`. The KV caches live INSIDE the program as mutable buffers shared by `prefill` and `decode` (one
 allocation, updated in place): the backend never sees a cache tensor. Slots are indexed by absolute position and
 masks come from positions, so `reset()` has nothing to clear (stale slots are never visible; the program's own `reset`
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import numpy as np
 
@@ -48,22 +47,16 @@ class ExecutorchBackend(Backend):
         except ImportError as exc:
             raise BackendError(f"executorch's quantized kernels cannot be loaded: {exc}") from None
         self._torch = torch
-        entry: dict[str, Any] | None = artifact.backends.get("executorch")
-        if not entry:
-            raise BackendError(f"{artifact.root}: this artifact has no executorch backend (manifest backends: "
-                               f"{sorted(artifact.backends)})")
-        self.entry = entry
+        parsed = artifact.backend_entry("executorch", absent=BackendError)
+        self.entry = parsed.raw
         self._root = artifact.root
-        try:
-            files = entry["files"]
-            self.context = int(entry["context"])
-            chunk = int(entry["max_prefill_chunk"])
-            H, V = int(entry["hidden_size"]), int(entry["vocab_size"])
-            self._ple = (int(entry["ple"]["num_layers"]), int(entry["ple"]["dim"]))
-            methods = entry["methods"]
-            pte, ptd = artifact.path(files["program"]), artifact.path(files["data"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"{artifact.root}: manifest backends.executorch is malformed ({exc!r})") from None
+        files, self.context, chunk = parsed.files, parsed.context, parsed.max_prefill_chunk
+        H, V, self._ple = parsed.hidden_size, parsed.vocab_size, (parsed.ple_layers, parsed.ple_dim)
+        methods = parsed.require(artifact, "methods")
+        for role in ("program", "data"):
+            if not files.get(role):
+                raise ArtifactError(f"{artifact.root}: manifest backends.executorch is malformed (no files.{role})")
+        pte, ptd = artifact.path(files["program"]), artifact.path(files["data"])
         self.threads = int(threads) if threads else (os.cpu_count() or 1)
         try:
             from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool

@@ -1,6 +1,6 @@
 """Our engine on LiteRT: `ai_edge_litert` signature runners over the artifact's `litert/` models. No torch.
 
-The decoder follows LiteRT-LM's Gemma 4 contract (export/litert_graphs.py): `prefill_<N>` writes K/V only, `decode`
+The decoder follows LiteRT-LM's Gemma 4 contract (export/litert/graphs.py): `prefill_<N>` writes K/V only, `decode`
 returns logits. So `prefill(S tokens)` runs `prefill_<N>` on the first S-1 tokens (padded to N at the end, padding
 at position 0 with fully hidden mask rows, as LiteRT-LM does) and `decode` on the last one, which gives the logits the
 engine needs. The caches are numpy arrays we pass in and take back on every call. PLE rows come from `ple.bin`
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import numpy as np
 
@@ -39,19 +38,11 @@ class LitertBackend(Backend):
         except ImportError:
             raise BackendError("the litert backend needs the ai-edge-litert wheel: "
                                "pip install ai-edge-litert") from None
-        entry: dict[str, Any] | None = artifact.backends.get("litert")
-        if not entry:
-            raise BackendError(f"{artifact.root}: this artifact has no litert backend (manifest backends: "
-                               f"{sorted(artifact.backends)})")
-        try:
-            files = entry["files"]
-            self.context = int(entry["context"])
-            self.chunk = int(entry["max_prefill_chunk"])
-            H, V = int(entry["hidden_size"]), int(entry["vocab_size"])
-            self._P = int(entry["ple"]["dim"])
-            caches = entry["caches"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"{artifact.root}: manifest backends.litert is malformed ({exc!r})") from None
+        parsed = artifact.backend_entry("litert", absent=BackendError)
+        entry = parsed.raw
+        files, self.context, self.chunk = parsed.files, parsed.context, parsed.max_prefill_chunk
+        H, V, self._P = parsed.hidden_size, parsed.vocab_size, parsed.ple_dim
+        caches = parsed.require(artifact, "caches")
         self.threads = int(threads) if threads else (os.cpu_count() or 1)
 
         def interp(key: str):

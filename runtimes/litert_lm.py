@@ -5,7 +5,7 @@ serve our engine's `Backend` contract (which hands the backend embeddings and PL
 `edge-gemma run --backend litert-lm` drives `LitertLmEngine` directly. It is the proof that an edge-gemma artifact
 runs unchanged where Android apps run Gemma 4. No torch.
 
-Images and audio: when the bundle carries LiteRT-LM's encoder sections (see export/litert_bundle.py), the engine is
+Images and audio: when the bundle carries LiteRT-LM's encoder sections (see export/litert/bundle.py), the engine is
 opened with CPU vision/audio backends and `chat` accepts content parts in our chat format (`{"type": "image", "path":
 ...}`, `{"type": "audio", "path": ...}`, `{"type": "text", "text": ...}`); LiteRT-LM decodes, resizes, patchifies the
 image and computes the audio log-mel itself.
@@ -42,15 +42,12 @@ class LitertLmEngine:
 
     def __init__(self, artifact: Artifact, threads: int | None = None):
         lm = _litert_lm()
-        entry: dict[str, Any] | None = artifact.backends.get("litert")
-        if not entry:
-            raise BackendError(f"{artifact.root}: this artifact has no litert backend (manifest backends: "
-                               f"{sorted(artifact.backends)})")
-        rel = (entry.get("files") or {}).get("litertlm")
+        entry = artifact.backend_entry("litert", absent=BackendError)
+        rel = entry.files.get("litertlm")
         if not rel:
             raise ArtifactError(f"{artifact.root}: backends.litert.files has no 'litertlm' bundle")
         self.path = artifact.path(rel)
-        self.context = int(entry.get("context", 0)) or None
+        self.context = entry.context
         self._lm = lm
         sections = set((entry.get("litertlm") or {}).get("sections") or ())
         self.vision = "vision_encoder" in sections

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: runs an artifact's `onnx/` graphs (see `export/onnx.py` for what each graph computes).
+"""ONNX Runtime backend: runs an artifact's `onnx/` graphs (see `export/onnx/` for what each graph computes).
 
 The backend owns the KV caches as numpy arrays `[1, nkv, slots, hd]`, one K and one V per cache-owning layer. They
 are bound to the decoder session zero-copy (`OrtValue.ortvalue_from_numpy` shares the array's memory on CPU), as
@@ -8,9 +8,8 @@ its positions with a numpy slice assignment. So a decode step moves O(S) cache b
 `slots` is not the context: the decoder graph takes any number of old slots (1..context) and attends over those only,
 so the arrays hold the positions in use rounded up to `CACHE_BUCKET` and are reallocated one bucket larger (a copy
 of what they hold, then a re-bind) when a call would write past their end. Attention then reads ~p slots at
-position p instead of all `context` (at 4096 slots it was ~40 % of a prefill chunk and ~10 % of a decode step even
-at position 0), and cache memory follows the conversation's length. Graphs exported with a fixed slot count (older
-artifacts) get `context`-slot arrays, bound once.
+position p instead of all `context` (all 4096 slots were a large share of a prefill chunk even at position 0;
+figures: benchmarks/README.md), and cache memory follows the conversation's length.
 
 Session options: `intra_op_num_threads` = `threads` (default: all cores), one inter-op thread, and spinning off
 (`session.intra_op.allow_spinning = 0`) when running on 2 threads or fewer, where a spinning worker steals the core the
@@ -52,20 +51,11 @@ class OnnxBackend(Backend):
         except ImportError:
             raise BackendError("the onnx backend needs the onnxruntime wheel: pip install onnxruntime") from None
         self._ort = ort
-        entry: dict[str, Any] | None = artifact.backends.get("onnx")
-        if not entry:
-            raise BackendError(f"{artifact.root}: this artifact has no onnx backend (manifest backends: "
-                               f"{sorted(artifact.backends)})")
-        self.entry = entry
-        try:
-            files = entry["files"]
-            self.context = int(entry["context"])
-            chunk = int(entry["max_prefill_chunk"])
-            H, V = int(entry["hidden_size"]), int(entry["vocab_size"])
-            self._ple = (int(entry["ple"]["num_layers"]), int(entry["ple"]["dim"]))
-            caches = entry["caches"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"{artifact.root}: manifest backends.onnx is malformed ({exc!r})") from None
+        parsed = artifact.backend_entry("onnx", absent=BackendError)
+        self.entry = parsed.raw
+        files, self.context, chunk = parsed.files, parsed.context, parsed.max_prefill_chunk
+        H, V, self._ple = parsed.hidden_size, parsed.vocab_size, (parsed.ple_layers, parsed.ple_dim)
+        caches = parsed.require(artifact, "caches")
         self.threads = int(threads) if threads else (os.cpu_count() or 1)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
@@ -109,9 +99,10 @@ class OnnxBackend(Backend):
                 if name not in inputs:
                     raise ArtifactError(f"{artifact.root}: decoder graph has no input {name!r} (manifest caches)")
             shapes.append(shape)
-        # graphs exported before the slot count became dynamic take all `context` slots on every call
-        self._sliced = bool(caches) and all(not isinstance(inputs[c[key]][2], int)
-                                            for c in caches for key in ("past_key", "past_value"))
+        fixed = [c[key] for c in caches for key in ("past_key", "past_value") if isinstance(inputs[c[key]][2], int)]
+        if fixed:
+            raise ArtifactError(f"{artifact.root}: decoder input {fixed[0]!r} has a fixed slot count (an artifact of "
+                                "edge-gemma before 0.1); export it again")
         self._binding = self._decoder.io_binding()
         self._keep: dict[str, Any] = {}
         self._slots = 0
@@ -127,7 +118,7 @@ class OnnxBackend(Backend):
     # -- caches ---------------------------------------------------------------------------------------------------
 
     def _initial_slots(self) -> int:
-        return min(self.context, CACHE_BUCKET) if self._sliced else self.context
+        return min(self.context, CACHE_BUCKET)
 
     def _grow(self, slots: int) -> None:
         """Reallocate every cache to `slots` slots (contiguous), keep what the first min(old, new) slots hold, and
@@ -177,13 +168,8 @@ class OnnxBackend(Backend):
         return outs[0].numpy()[0].copy()
 
     def reset(self) -> None:
-        if self._sliced:  # back to one bucket: frees the memory of a long conversation
-            self._slots = 0
-            self._grow(self._initial_slots())
-            return
-        for _, k, v in self._caches:
-            k.fill(0.0)
-            v.fill(0.0)
+        self._slots = 0  # back to one bucket: frees the memory of a long conversation
+        self._grow(self._initial_slots())
 
     # -- towers ---------------------------------------------------------------------------------------------------
 
@@ -210,7 +196,7 @@ class OnnxBackend(Backend):
         m = np.ascontiguousarray(mask, dtype=bool).reshape(-1)
         if f.ndim != 2 or m.shape != (f.shape[0],):
             raise ValueError(f"encode_audio: features {f.shape} / mask {m.shape}; expected [T, 128] and [T]")
-        # The audio graph takes T a multiple of `audio.frame_multiple` (export/onnx.py `audio_frame_layout`): pad with
+        # The audio graph takes T a multiple of `audio.frame_multiple` (export/onnx/exporter.py `audio_frame_layout`): pad with
         # masked frames, which change no valid soft token; `valid` drops their outputs.
         pad = -f.shape[0] % int((self.entry.get("audio") or {}).get("frame_multiple", 1))
         if pad:

@@ -3,7 +3,7 @@
 * The torchao tensors the exporter builds hold the checkpoint's integers bit-exactly (codes and scales back to the
   stored bytes): nothing is re-quantized.
 * `runtimes/executorch.py` imports no torch at import time.
-* The XNNPACK emulation (`export/executorch_reference.py`): the per-token activation quantization follows XNNPACK's
+* The XNNPACK emulation (`export/executorch/reference.py`): the per-token activation quantization follows XNNPACK's
   recipe, and the emulated linear equals dequantized activations times dequantized weights.
 """
 
@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("executorch")
 pytest.importorskip("torchao")
 
-from edge_gemma.export.executorch_model import load_et_model, stored_from_intx  # noqa: E402
+from edge_gemma.export.executorch.model import load_et_model, stored_from_intx  # noqa: E402
 from edge_gemma.quantize.load import QuantizedCheckpoint  # noqa: E402
 from edge_gemma.quantize.stream import quantize_checkpoint  # noqa: E402
 
@@ -72,7 +72,7 @@ def test_runtime_module_does_not_import_torch_at_import():
 def test_xnnpack_row_quantization_follows_xnnpack_recipe():
     """XNNPACK's qd8 parameters worked by hand (quantization.h): range widened to include 0, multiplier 255/range,
     zero point from the smaller-error end, rint; codes = rint(x * (1 / (1 / m))) + zp, clamped."""
-    from edge_gemma.export.executorch_reference import xnnpack_quantize_rows
+    from edge_gemma.export.executorch.reference import xnnpack_quantize_rows
 
     x = torch.tensor([[-1.0, 0.5, 2.0], [0.25, 1.0, 0.0], [0.0, 0.0, 0.0]])
     codes, zp, scale = xnnpack_quantize_rows(x)
@@ -92,7 +92,7 @@ def test_xnnpack_inline_packing_multiplier_is_m_and_the_convert_operator_uses_on
     """XNNPACK's two multipliers, worked in float32 with numpy: the convert operator quantizes with 1 / (1 / m), the
     GEMM that packs its own input with m = 255 / range. They differ by one float32 step for some ranges, and then a
     value close to a rounding boundary gets different codes; the linears named in INLINE_LHS_PACKED use m."""
-    from edge_gemma.export.executorch_reference import (
+    from edge_gemma.export.executorch.reference import (
         INLINE_LHS_PACKED,
         XnnpackDynamicQuantLinear,
         emulate_xnnpack,
@@ -145,7 +145,7 @@ def test_xnnpack_inline_packing_multiplier_is_m_and_the_convert_operator_uses_on
 
 
 def test_xnnpack_linear_is_dequantized_activations_times_dequantized_weights():
-    from edge_gemma.export.executorch_reference import XnnpackDynamicQuantLinear, xnnpack_quantize_rows
+    from edge_gemma.export.executorch.reference import XnnpackDynamicQuantLinear, xnnpack_quantize_rows
 
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-8, 8, (5, 64), generator=g, dtype=torch.int8)
@@ -166,7 +166,7 @@ def test_lowering_keeps_one_copy_of_each_serialized_constant_and_the_large_ones_
     from executorch.exir._serialize._cord import FileBackedData
     from executorch.exir._serialize._named_data_store import NamedDataStore
 
-    from edge_gemma.export.executorch_lower import SPILL_BYTES, _spill_serialized_constants
+    from edge_gemma.export.executorch.lower import SPILL_BYTES, _spill_serialized_constants
 
     small = np.arange(SPILL_BYTES // 8, dtype=np.int32).tobytes()
     large = np.arange(SPILL_BYTES // 2, dtype=np.int32).tobytes()
@@ -198,7 +198,7 @@ class _QuantizedPair(torch.nn.Module):
     """Two linears over our own int4 / int8 integers (`intx_weight`, 8da4w / 8da8w), for methods that share them."""
 
     def __init__(self):
-        from edge_gemma.export.executorch_model import intx_weight
+        from edge_gemma.export.executorch.model import intx_weight
         from edge_gemma.quantize.schemes import Int4Group, Int8PerChannel
 
         super().__init__()
@@ -222,7 +222,7 @@ def test_lowering_serializes_each_shared_quantized_weight_once_and_frees_its_cod
     from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
     from executorch.backends.xnnpack.utils.utils import get_param_tensor, is_param_node
 
-    from edge_gemma.export import executorch_lower
+    from edge_gemma.export.executorch import lower as executorch_lower
 
     serialized = []
     xnnpack_serialize = NodeVisitor.get_serialized_buffer_index
@@ -291,7 +291,7 @@ def test_compact_dependency_view_answers_what_the_partitioners_own_views_answer(
     from executorch.exir.backend.canonical_partitioners import group_partitioner
     from torch.fx.passes.infra import partitioner
 
-    from edge_gemma.export.executorch_lower import _CompactDependencyViewer
+    from edge_gemma.export.executorch.lower import _CompactDependencyViewer
 
     gm = _branchy_graph()
     ours, fx_view, et_view = (_CompactDependencyViewer(gm), partitioner._DependencyViewer(gm),
@@ -325,7 +325,7 @@ def test_compact_dependency_views_leave_the_xnnpack_partitions_unchanged():
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from torch.fx.passes.infra import partitioner
 
-    from edge_gemma.export.executorch_lower import _compact_dependency_views, _partitioners
+    from edge_gemma.export.executorch.lower import _compact_dependency_views, _partitioners
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -365,7 +365,7 @@ def test_lowering_frees_the_delegated_weights_and_the_program_still_computes_the
     written `.pte` + `.ptd` still compute what the module computed before lowering."""
     from executorch.runtime import Runtime
 
-    from edge_gemma.export.executorch_lower import lower_program
+    from edge_gemma.export.executorch.lower import lower_program
 
     class Net(torch.nn.Module):
         def __init__(self):

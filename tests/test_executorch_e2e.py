@@ -8,7 +8,7 @@
   and from the eager model, for a prompt longer than the sliding window.
 * `edge-gemma run --backend executorch` with an image and an audio clip answers exactly as `--backend onnx`.
 * int4 / int8: the `.pte` vs the eager model running the SAME integers with XNNPACK's per-token int8 activation
-  quantization emulated (`export/executorch_reference.py`): teacher-forced top-1 agreement >= 98 % over 256 held-out
+  quantization emulated (`export/executorch/reference.py`): teacher-forced top-1 agreement >= 98 % over 256 held-out
   tokens, both with a shared history (`load_caches` gives the program the eager model's caches before each position)
   and on the program's own caches; median |logit diff| <= 1e-4 (the rounding is reproduced exactly), 99 % of the
   positions within 0.05; with a shared history every position within 0.05, on its own caches within 0.1 (see the
@@ -36,7 +36,7 @@ pytest.importorskip("torchao")
 
 from edge_gemma.artifact import Artifact, ArtifactWriter  # noqa: E402
 from edge_gemma.export.executorch import export_executorch  # noqa: E402
-from edge_gemma.export.executorch_model import load_et_model  # noqa: E402
+from edge_gemma.export.executorch.model import load_et_model  # noqa: E402
 from edge_gemma.quantize.load import QuantizedCheckpoint  # noqa: E402
 from edge_gemma.quantize.stream import quantize_checkpoint  # noqa: E402
 from edge_gemma.runtimes.base import BackendError  # noqa: E402
@@ -267,8 +267,8 @@ def _heldout_ids() -> list[int]:
 @pytest.mark.parametrize("recipe", ["int4", "int8"])
 def test_quantized_teacher_forced_agreement(recipe, quantized_default, request):
     artifact = request.getfixturevalue(f"{recipe}_artifact")
-    from edge_gemma.export.executorch_model import DecoderMethod, EmbedMethod, cache_buffers
-    from edge_gemma.export.executorch_reference import emulate_xnnpack
+    from edge_gemma.export.executorch.model import DecoderMethod, EmbedMethod, cache_buffers
+    from edge_gemma.export.executorch.reference import emulate_xnnpack
 
     em = load_et_model(quantized_default[recipe], context=CONTEXT_Q, text_only=True)
     dec = emulate_xnnpack(DecoderMethod(em.model.language_model, em.head))
@@ -383,7 +383,7 @@ def test_two_kv_heads_prefill_decode_and_load_caches_match_eager(two_kv_artifact
     with S = 1). Chunked prefill and decode within 1e-4 of the eager model; then `load_caches` with the eager model's
     caches for ANOTHER history makes the program continue that history (every cache buffer is written)."""
     from edge_gemma.checkpoint import load_model
-    from edge_gemma.export.executorch_model import cache_buffers
+    from edge_gemma.export.executorch.model import cache_buffers
 
     lm = load_model(tiny_checkpoints["text_only"], max_len=48).language_model
     be = _backend(two_kv_artifact)

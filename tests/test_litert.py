@@ -78,7 +78,7 @@ def onnx_fp32_artifact(tmp_path_factory) -> Artifact:
 
     out = tmp_path_factory.mktemp("litert_onnx") / "fp32"
     with ArtifactWriter(out) as w:
-        w.manifest["backends"] = {"onnx": export_onnx(DEFAULT, w, context=CONTEXT, max_prefill_chunk=CHUNK,
+        w.manifest["backends"] = {"onnx": export_onnx(DEFAULT, w.root / "onnx", context=CONTEXT, max_prefill_chunk=CHUNK,
                                                       text_only=True)}
     return Artifact(out)
 

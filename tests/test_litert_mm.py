@@ -1,7 +1,7 @@
 """Images and audio through the `.litertlm` bundle in Google's LiteRT-LM engine (`litert_lm`), against our eager model.
 
 The bundle carries LiteRT-LM's own encoder sections (VISION_ENCODER + VISION_ADAPTER, AUDIO_ENCODER_HW +
-AUDIO_ADAPTER, see export/litert_graphs.py). LiteRT-LM does its own preprocessing: it decodes the PNG/WAV file,
+AUDIO_ADAPTER, see export/litert/graphs.py). LiteRT-LM does its own preprocessing: it decodes the PNG/WAV file,
 resizes and patchifies the image (stb, Catmull-Rom) and computes the audio log-mel (its Gemma 4 preprocessor); our
 eager model gets the same files through OUR processor (PIL bicubic, numpy log-mel). The images here are sized so that
 neither side resizes (768x768 and 912x672 are fixed points of the 280-token budget), so the pixels are identical; the

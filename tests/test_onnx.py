@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +28,9 @@ pytest.importorskip("onnxscript")
 
 from edge_gemma.artifact import Artifact, ArtifactWriter  # noqa: E402
 from edge_gemma.checkpoint import load_model  # noqa: E402
-from edge_gemma.export.onnx import export_onnx, load_export_model, write_embedder  # noqa: E402
-from edge_gemma.export.onnx_ops import emulate_activation_quant, matmulnbits_arrays, stored_from_matmulnbits  # noqa: E402
+from edge_gemma.export.common import LinearHead  # noqa: E402
+from edge_gemma.export.onnx import export_onnx, load_onnx_model, write_embedder  # noqa: E402
+from edge_gemma.export.onnx.ops import emulate_activation_quant, matmulnbits_arrays, stored_from_matmulnbits  # noqa: E402
 from edge_gemma.quantize.load import QuantizedCheckpoint  # noqa: E402
 from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel  # noqa: E402
 from edge_gemma.quantize.stream import quantize_checkpoint  # noqa: E402
@@ -47,7 +47,7 @@ CONTEXT_Q, N_TOKENS = 264, 256
 
 def _export(src: Path, out: Path, *, context: int, text_only: bool = False) -> Artifact:
     with ArtifactWriter(out) as w:
-        w.manifest["backends"] = {"onnx": export_onnx(src, w, context=context, max_prefill_chunk=16,
+        w.manifest["backends"] = {"onnx": export_onnx(src, w.root / "onnx", context=context, max_prefill_chunk=16,
                                                       text_only=text_only)}
     return Artifact(out)
 
@@ -191,19 +191,13 @@ def test_fp32_image_and_audio_soft_tokens_and_multimodal_prompt(tiny_checkpoints
 def _eager_quantized(path: Path, max_len: int):
     """The eager model over the SAME integers, rounding activations as MatMulNBits(accuracy_level=4) does; its
     embedding is the dequantized table and its tied head the same QuantLinear as in the graph."""
-    em = load_export_model(path, emulate=True, text_only=True)
+    em = load_onnx_model(path, emulate=True, text_only=True)
     lm = em.model.language_model
-    text = em.cfg.text
     with QuantizedCheckpoint(path) as qc:
         for attr, name in (("embed_tokens", "model.language_model.embed_tokens.weight"),
                            ("embed_tokens_per_layer", "model.language_model.embed_tokens_per_layer.weight")):
-            getattr(lm, attr).weight = torch.nn.Parameter(torch.from_numpy(qc.dequantized(name)), requires_grad=False)
-
-    def logits(self, h):
-        cap = text.final_logit_softcapping
-        return torch.tanh(em.head(h) / cap) * cap
-
-    lm.logits = types.MethodType(logits, lm)
+            setattr(lm, attr, torch.nn.Embedding.from_pretrained(torch.from_numpy(qc.dequantized(name))))
+    lm.lm_head = LinearHead(em.head)
     lm.setup_caches(max_len)
     return lm
 
@@ -262,7 +256,7 @@ def test_quantized_teacher_forced_agreement(recipe, quantized_default, request):
         print(f"{recipe} ({'shared' if shared else 'own'} history): top-1 agreement {agree:.3f}, max |logit diff| "
               f"{diff.max():.3g}, 99th percentile {np.percentile(diff, 99):.3g}, median {np.median(diff):.2e}")
         assert agree >= 0.98
-        if shared:  # int8 activation blocks of 32 (export/onnx_ops.int8_block_size): max 0.043 (int4), 0.047 (int8)
+        if shared:  # int8 activation blocks of 32 (export/onnx/ops.int8_block_size): max 0.043 (int4), 0.047 (int8)
             assert diff.max() <= 0.05
             assert np.median(diff) <= 1e-4  # the rounding itself is reproduced exactly
         else:
@@ -280,7 +274,7 @@ def _initializers(path: Path):
 
 
 _PREFIXES = {  # graph -> (initializer prefix, HF prefix): the export modules' attribute names
-    "decoder": (("head.", "model.language_model.embed_tokens."), ("decoder.", "model.language_model.")),
+    "decoder": (("decoder.lm_head.linear.", "model.language_model.embed_tokens."), ("decoder.", "model.language_model.")),
     "vision": (("tower.", "model.vision_tower."), ("embed.", "model.embed_vision.")),
     "audio": (("tower.", "model.audio_tower."), ("embed.", "model.embed_audio.")),
 }
@@ -404,7 +398,7 @@ def test_int8_towers_are_int8_matmulnbits_and_match_eager(quantized_default, int
         model = onnx.load(str(int8_artifact.path(f"onnx/{graph}.onnx")), load_external_data=False)
         bits = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
         assert bits == {8}, graph
-    em = load_export_model(quantized_default["int8"], emulate=True)
+    em = load_onnx_model(quantized_default["int8"], emulate=True)
     be = _backend(int8_artifact)
     pixels, pos = _image_inputs(em.cfg)
     with torch.no_grad():

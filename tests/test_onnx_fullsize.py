@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from edge_gemma.export.onnx import audio_frame_layout, load_export_model, write_audio_graph  # noqa: E402
+from edge_gemma.export.onnx import audio_frame_layout, load_onnx_model, write_audio_graph  # noqa: E402
 from edge_gemma.runtimes.onnx import OnnxBackend  # noqa: E402
 
 
@@ -25,7 +25,7 @@ from edge_gemma.runtimes.onnx import OnnxBackend  # noqa: E402
 def audio_graph(tiny_checkpoints, tmp_path_factory):
     import onnxruntime as ort
 
-    em = load_export_model(tiny_checkpoints["a"])
+    em = load_onnx_model(tiny_checkpoints["a"])
     path = tmp_path_factory.mktemp("onnx_audio") / "audio.onnx"
     layout = write_audio_graph(em, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

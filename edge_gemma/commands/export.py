@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-only", action="store_true",
                         help="export the text graphs only (no vision/audio encoders): smaller and faster; the "
                              "artifact refuses images and audio")
+    parser.add_argument("--executorch-delegate-all", action="store_true",
+                        help="ExecuTorch: delegate every op to XNNPACK, its approximate gelu/tanh/exp/softmax too "
+                             "(fewer partitions; logits a few hundredths off the emulated eager model)")
     parser.add_argument("--no-check", action="store_true", help="skip the fidelity check against the float model")
     parser.add_argument("--fidelity-tokens", type=int, default=64, help="held-out tokens for the fidelity check")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         source.path, quant, backends, out, context=args.context,
         force=args.force, check=not args.no_check, max_prefill_chunk=args.prefill_chunk,
         fidelity_tokens=args.fidelity_tokens, name=source.name, progress=not args.no_progress,
-        text_only=args.text_only,
+        text_only=args.text_only, executorch_precise=not args.executorch_delegate_all,
     )
     print(report.format())
     return 0

@@ -10,7 +10,9 @@ Submodule and parameter names follow transformers' `Gemma4AudioModel` (`subsampl
 * the sinusoidal relative-position table is computed in `forward` from constants (no non-persistent buffers), so a
   model built on the meta device and loaded with `assign=True` is complete.
 
-Reference: gemma4-architecture.md section 5 and pitfalls 9 and 10.
+Reference: transformers' `models/gemma4/modeling_gemma4.py` (`Gemma4AudioModel`). Each of these is easy to miss and
+changes the output: the clip bounds of every linear (`ClippableLinear`), the zeroing of masked frames, the causal
+chunk window and its relative positions, the attention logit cap and the q/k scaling constants.
 """
 
 from __future__ import annotations

@@ -1,21 +1,18 @@
-"""Static KV caches for the Gemma 4 text decoder (gpt-fast style: fixed-size buffers written at explicit positions).
+"""KV caches of the Gemma 4 text decoder: one object per cache-owning layer, gpt-fast style static buffers.
 
-Design choice, documented because exporters depend on it:
+Only the layers that compute K/V (`TextConfig.cache_layers`, `0 .. first_shared_layer - 1`) own a cache; a KV-shared
+layer attends over what its producer's `update` returned. Every cache has `update(input_pos, k, v)`, which stores the
+new `k, v (B, nkv, S, hd)` and returns what the layer's attention kernel reads:
 
-* One `KVCache` per layer that computes K/V (`TextConfig.cache_layers`, layers `0 .. first_shared_layer-1`). KV-shared
-  layers own no cache: they attend over their producer's K/V exactly as the producer's `update` returned it
-  (pitfall 6), so `len(decoder.kv_caches) == num_hidden_layers - num_kv_shared_layers`.
-* Default: every cache, sliding or full, is `max_len` slots long and slot `j` holds position `j`. The attention mask
-  is built from positions alone (sliding: key j visible to query i iff `j <= i` and `j > i - W`), so slots that were
-  never written (or hold a stale future) are always masked out, and chunked prefill of any chunk size is exact.
-* Option `sliding_ring=True` (`TextDecoder.setup_caches`): sliding layers get rings of `2W` slots (slot =
-  position % 2W) and the decoder keeps one `sliding_slot_pos` buffer saying which position each slot holds; the
-  sliding mask is built from it. Memory: E2B at 4096 context in float32, 12 MiB of sliding K/V instead of 96 MiB
-  (12 sliding layers x K,V x 256 x 4096 x 4 B). The price: one forward may take at most `W + 1` tokens
-  (`prefill_capacity`), so long prompts are prefilled in chunks. Same `KVCache` module, only shorter.
-* Buffers are non-persistent: they are runtime state, never part of a checkpoint or a `state_dict`.
-* `update` writes with `index_copy_` along the sequence dimension (ExecuTorch turns that into a mutable-buffer
-  update; an ONNX exporter swaps the module for one that takes and returns the caches as graph inputs/outputs).
+* `NoCache`: nothing stored; the chunk's own K/V (a cache-free decoder attends within the chunk).
+* `KVCache`: `max_len` slots, slot j = position j, written with `index_copy_` (ExecuTorch turns it into a mutable
+  buffer update); returns the whole buffers, masked by position (`attention.CacheMasks`).
+* `RingKVCache`: a sliding layer's ring of `2 * window` slots, slot = position % ring length
+  (`attention.RingCacheMasks` tracks which position each slot holds).
+
+Backends with other layouts add their own cache classes (`export/onnx/swaps.py`: caches as graph inputs;
+`export/litert/swaps.py`: `dynamic_update_slice` with V transposed). Buffers are non-persistent: runtime state,
+never part of a checkpoint.
 """
 
 from __future__ import annotations
@@ -23,11 +20,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "NoCache", "RingKVCache"]
+
+
+class NoCache(nn.Module):
+    """The cache of a decoder without caches: `update` returns the chunk's `(k, v)` unchanged."""
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, v
 
 
 class KVCache(nn.Module):
-    """K and V buffers `[B, n_kv_heads, max_len, head_dim]` for one cache-owning layer."""
+    """K and V buffers `[B, n_kv_heads, max_len, head_dim]` for one cache-owning layer; slot = position."""
 
     def __init__(
         self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, *, dtype: torch.dtype = torch.float32,
@@ -41,10 +45,14 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    def slots(self, input_pos: torch.Tensor) -> torch.Tensor:
+        return input_pos
+
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k, v` `[B, nkv, S, hd]` at slots `input_pos` `[S]` and return the whole buffers `[B, nkv, T, hd]`."""
-        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
+        """Write `k, v` `[B, nkv, S, hd]` at the slots of `input_pos` `[S]`; return the whole buffers `[B, nkv, T, hd]`."""
+        slots = self.slots(input_pos)
+        self.k_cache.index_copy_(2, slots, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, slots, v.to(self.v_cache.dtype))
         return self.k_cache, self.v_cache
 
     def reset(self) -> None:
@@ -53,3 +61,10 @@ class KVCache(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.k_cache.shape)}, dtype={self.k_cache.dtype}"
+
+
+class RingKVCache(KVCache):
+    """A `KVCache` of `max_len` ring slots: position p goes to slot `p % max_len`."""
+
+    def slots(self, input_pos: torch.Tensor) -> torch.Tensor:
+        return input_pos % self.max_len

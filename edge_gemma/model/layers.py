@@ -44,9 +44,9 @@ class ClippableLinear(nn.Module):
     """`clamp(x, input_min, input_max) -> Linear(no bias) -> clamp(., output_min, output_max)`.
 
     The four scalar bounds are persistent buffers (±inf at init, finite in the on-device vision tower and in every
-    audio linear of real checkpoints). They are part of the model: skipping them changes the output (pitfall 9), and
-    they double as calibrated activation ranges for quantisation. With `clipped=False` the module has no buffers,
-    matching transformers' `Gemma4ClippableLinear` when `use_clipped_linears` is off.
+    audio linear of real checkpoints). They are part of the model (the reference applies them too): skipping them
+    changes the output, and they double as calibrated activation ranges for quantisation. With `clipped=False` the
+    module has no buffers, matching transformers' `Gemma4ClippableLinear` when `use_clipped_linears` is off.
     """
 
     def __init__(self, in_features: int, out_features: int, *, clipped: bool = True):

@@ -7,10 +7,13 @@ checkpoint name table is a prefix map. What differs from the reference, on purpo
   `TextDecoder.embed` and `Gemma4Model.embed`) and the RAW rows of the PLE table `[B,S,L,P]` (`TextDecoder.ple_rows`),
   so an exported artifact can keep the 2.35 G-parameter PLE table in a memory-mapped file outside the graph. The
   decoder applies the `sqrt(P)` scale itself.
-* Static KV caches (`cache.KVCache`) indexed by explicit positions; masks are built from positions, never from a
-  cache length; no `.item()` and no data-dependent Python branches in `forward`.
-* KV-shared layers read `kv_source[i]`'s K/V as returned by that layer's cache update (pitfall 6); only the layers
-  before `first_shared_layer` own caches.
+* Static KV caches (`cache.py`) indexed by explicit positions; masks are built from positions, never from a
+  cache length (`attention.py`); no `.item()` and no data-dependent Python branches in `forward`.
+* KV-shared layers read `kv_source[i]`'s K/V as returned by that layer's cache update (not recomputed from their own
+  input, and not re-read from the cache buffer); only the layers before `first_shared_layer` own caches.
+
+This is the only definition of the decoder: each exporter swaps parts of it (caches, attention kernel, masks, norms,
+head) and never rewrites the layer loop; see `docs/architecture.md`.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .cache import KVCache
+from .attention import CacheMasks, ChunkMasks, GroupedSDPA, RingCacheMasks, last_query
+from .cache import KVCache, NoCache, RingKVCache
 from .layers import RMSNorm, rotate_half
 
-__all__ = ["TextAttention", "TextDecoder", "TextDecoderLayer", "TextMLP", "apply_rope", "rope_inv_freq"]
+__all__ = ["PleScale", "TextAttention", "TextDecoder", "TextDecoderLayer", "TextMLP", "TiedHead", "apply_rope",
+           "rope_cos_sin", "rope_inv_freq", "softcap"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -37,7 +42,7 @@ def rope_inv_freq(head_dim: int, theta: float, partial_rotary_factor: float | No
     `partial_rotary_factor=None` is default RoPE (sliding layers). A factor gives Gemma 4's *proportional* RoPE (global
     layers): the first `int(factor * head_dim // 2)` pairs rotate with the exponent taken over the FULL head dim, the
     remaining pairs get frequency 0 (identity), so with the rotate-half layout only dims `[0:64]` and `[256:320]` of a
-    512-dim head rotate (pitfall 3). Computed exactly as the reference does, for bit parity.
+    512-dim head rotate. Computed exactly as the reference does, for bit parity.
     """
     if partial_rotary_factor is None:
         return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
@@ -80,8 +85,9 @@ class TextMLP(nn.Module):
 class TextAttention(nn.Module):
     """Gemma 4 attention: q/k RMSNorm, weightless v_norm, RoPE on q and k (not v), scaling 1.0, GQA.
 
-    A KV-producing layer has `k_proj`, `v_proj`, `k_norm`, `v_norm` and (once caches are set up) a `kv_cache`. A
-    KV-shared layer has only `q_proj`, `q_norm`, `o_proj` and attends over the K/V handed to it.
+    A KV-producing layer has `k_proj`, `v_proj`, `k_norm`, `v_norm` and a `kv_cache` (`cache.py`); a KV-shared layer
+    has only `q_proj`, `q_norm`, `o_proj` and attends over the K/V its producer's cache returned. `sdpa` is the
+    attention kernel (`attention.GroupedSDPA`; backends swap it together with the caches and masks).
     """
 
     def __init__(self, cfg: TextConfig, layer: int):
@@ -99,72 +105,32 @@ class TextAttention(nn.Module):
             self.v_proj = nn.Linear(h, self.n_kv_heads * hd, bias=False)
             self.k_norm = RMSNorm(hd, eps)
             self.v_norm = RMSNorm(hd, eps, with_scale=False)
+            self.kv_cache: nn.Module | None = NoCache()
+        else:
+            self.kv_cache = None
         self.o_proj = nn.Linear(self.n_heads * hd, h, bias=False)
-        self.kv_cache: KVCache | None = None
-
-    # On for the ExecuTorch export (`TextDecoder.attend_one_query_key_major`): one-query steps use `_attend_one_query`.
-    one_query_by_key_rows = False
+        self.sdpa: nn.Module = GroupedSDPA()
 
     def forward(
         self,
         x: torch.Tensor,  # (B, S, H)
         cos: torch.Tensor,  # (b, S, hd)
         sin: torch.Tensor,  # (b, S, hd)
-        mask: torch.Tensor,  # (b, 1, S, T) bool, True = visible
-        input_pos: torch.Tensor,  # (S,) cache slots
-        shared_kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # producer's (k, v), each (B, nkv, T, hd)
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        mask,  # what the masks module built for this layer kind
+        input_pos: torch.Tensor,  # (S,) positions of the chunk
+        shared_kv=None,  # the producer's cached K/V, for a KV-shared layer
+    ):
         B, S, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, S, self.n_heads, self.head_dim))
-        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, nh, S, hd)
-        if self.computes_kv:
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, S, self.n_heads, self.head_dim)), cos, sin).transpose(1, 2)
+        if shared_kv is None:
+            assert self.computes_kv, f"layer {self.layer} shares K/V but none was given"
             k = self.k_norm(self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim))
             k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, nkv, S, hd)
             v = self.v_norm(self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)).transpose(1, 2)
-            if self.kv_cache is not None:
-                k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, T, hd)
+            kv = self.kv_cache.update(input_pos, k, v)
         else:
-            assert shared_kv is not None, f"layer {self.layer} shares K/V but none was given"
-            k, v = shared_kv
-        if self.one_query_by_key_rows and isinstance(S, int) and S == 1 and mask.shape[0] == 1:
-            return self.o_proj(self._attend_one_query(q, k.to(q.dtype), v.to(q.dtype), mask)), (k, v)
-        # Grouped-query attention without copying K/V once per query head (`repeat_interleave`): the `rep` query
-        # heads that read KV head j (heads j*rep .. j*rep + rep-1, the repeat_interleave layout) become rows of one
-        # batch entry. Same math per head; in an exported program the copies were most of a decode step (ExecuTorch,
-        # full-size E2B: 8 x 4096 x 256 floats of K and of V per layer per token).
-        rep = self.n_heads // self.n_kv_heads
-        qg = q.reshape(B, self.n_kv_heads, rep * S, self.head_dim)
-        if rep > 1:
-            b, _, _, T = mask.shape
-            mask = mask.unsqueeze(2).expand(b, 1, rep, S, T).reshape(b, 1, rep * S, T)
-        out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=1.0)
-        # (B, nkv, rep*S, hd) -> (B, S, nh*hd) through an explicit 5-D view: reshaping to (B, nh, S, hd) directly asks
-        # torch.export to split rep*S for a dynamic S and fails (E4B, 2 KV heads: "Constraints violated (seq)").
-        # The explicit contiguous copy: with S = 1 the permuted tensor happens to be viewable in the strides eager
-        # attention returns, so `reshape` would be recorded as a `view`, which fails when ExecuTorch's passes re-run
-        # the graph with the flash-attention layout (B, L, nkv, hd) (E4B decode: "Cannot view a tensor ...").
-        out = out.view(B, self.n_kv_heads, rep, S, self.head_dim).permute(0, 3, 1, 2, 4)
-        out = out.clone(memory_format=torch.contiguous_format).view(B, S, self.n_heads * self.head_dim)
-        return self.o_proj(out), (k, v)
-
-    def _attend_one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attention of ONE position, `q (B, nh, 1, hd)` over `k, v (B, nkv, T, hd)` -> `(B, 1, nh * hd)`; the same
-        math as the SDPA path, for an exported one-token step whose cache is a static `T`-slot buffer.
-
-        Scores are computed key-major, `K @ q^T` `(T, rep)` per KV head: only the small query is transposed. Lowered
-        to ExecuTorch/XNNPACK, SDPA's decomposition instead transposed the whole K cache (XNNPACK's batch matmul takes
-        no transposed operand), scaled K by sqrt(scale) (a portable multiply over the cache even at scale 1), and
-        expanded and reshaped K and V to three dimensions (copies), per layer and per token: on a 6-layer E2B-width
-        model at 4096 slots, 117 -> 48 ms per decode step. The mask (one row shared by the batch) becomes an additive
-        bias of `T` values."""
-        B, nkv, T, hd = k.shape
-        rep = self.n_heads // nkv
-        qt = q.reshape(B * nkv, rep, hd).transpose(1, 2)  # (B*nkv, hd, rep); head j*rep + r reads KV head j
-        scores = torch.bmm(k.reshape(B * nkv, T, hd), qt)  # (B*nkv, T, rep)
-        bias = torch.where(mask, 0.0, float("-inf")).to(scores.dtype).reshape(1, T, 1)  # mask (1, 1, 1, T)
-        p = torch.softmax(scores + bias, dim=1)
-        out = torch.bmm(p.transpose(1, 2), v.reshape(B * nkv, T, hd))  # (B*nkv, rep, hd)
-        return out.reshape(B, 1, self.n_heads * hd)
+            kv = shared_kv
+        return self.o_proj(self.sdpa(q, kv, mask)), kv  # q (B, nh, S, hd) -> (B, S, nh*hd) -> (B, S, H)
 
 
 class TextDecoderLayer(nn.Module):
@@ -207,13 +173,41 @@ class TextDecoderLayer(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class PleScale(nn.Module):
+    """Raw PLE table rows -> rows * sqrt(P), the scale rounded to the rows' dtype (the reference's order)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows * torch.tensor(self.dim**0.5, dtype=rows.dtype)
+
+
+class TiedHead(nn.Module):
+    """The LM head tied to the embedding table: `h @ table^T` (backends swap in a quantized linear over the same
+    integers, `export/common.LinearHead`)."""
+
+    def forward(self, h: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
+        w = table.weight
+        return F.linear(h, w if w.dtype == h.dtype else w.to(h.dtype))  # (B, S, V)
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma's final logit soft cap `tanh(x / c) * c` (c = 30 for E2B/E4B); None leaves the logits as they are."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 class TextDecoder(nn.Module):
     """The text decoder, `Gemma4TextModel` plus the tied, soft-capped LM head.
 
-    `max_len` (the context length, an export setting, not architecture) allocates one static `KVCache` per
-    KV-producing layer; `None` builds a cache-free decoder whose `forward` attends within the given chunk only.
-    `sliding_ring=True` gives the sliding layers ring buffers of `2 * sliding_window` slots instead of `max_len`
-    (see `setup_caches`).
+    `max_len` (the context length, an export setting, not architecture) gives every KV-producing layer a static
+    `KVCache`; `None` leaves them `NoCache`, and `forward` attends within the given chunk only. `sliding_ring=True`
+    gives the sliding layers ring buffers of `2 * sliding_window` slots instead (see `setup_caches`).
+
+    Swappable parts (module attributes, replaced by type in `export/<backend>/swaps.py`): each layer's
+    `self_attn.kv_cache` and `self_attn.sdpa`, the decoder's `masks` (built once per step for each layer kind), the
+    norms, `ple_scale` and `lm_head`.
     """
 
     def __init__(self, cfg: TextConfig, *, max_len: int | None = None, batch_size: int = 1,
@@ -225,8 +219,10 @@ class TextDecoder(nn.Module):
         self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, L * P)
         self.per_layer_model_projection = nn.Linear(H, L * P, bias=False)
         self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
+        self.ple_scale: nn.Module = PleScale(P)
         self.layers = nn.ModuleList(TextDecoderLayer(cfg, i) for i in range(L))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.lm_head: nn.Module = TiedHead()
         # Which layer's K/V each layer attends over (itself for producers). A plain list: tests break it on purpose.
         self.kv_source = [cfg.kv_producer(i) for i in range(L)]
         self.register_buffer("sliding_inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta_sliding), persistent=False)
@@ -236,8 +232,7 @@ class TextDecoder(nn.Module):
             persistent=False,
         )
         self.max_len: int | None = None
-        self.ring_len: int | None = None  # slots of the sliding ring buffers, None when they are max_len long
-        self.register_buffer("sliding_slot_pos", None, persistent=False)  # (R,) long with a sliding ring
+        self.masks: nn.Module = ChunkMasks(cfg.sliding_window)
         if max_len is not None:
             self.setup_caches(max_len, batch_size=batch_size, dtype=cache_dtype, sliding_ring=sliding_ring)
 
@@ -248,47 +243,44 @@ class TextDecoder(nn.Module):
         """(Re)allocate zeroed static caches on every KV-producing layer.
 
         Full layers get `max_len` slots (slot = position). With `sliding_ring` and `max_len > 2W`, sliding layers get
-        a ring of `R = 2W` slots (slot = position % R) and `sliding_slot_pos` records which position each slot holds
-        (-1: empty); masks come from those positions. A chunk may then hold at most `R - W + 1 = W + 1` tokens, so
-        that its own writes never evict a key one of its queries still needs (`prefill_capacity`). E2B at 4096
-        context in float32: 12 MiB of sliding K/V instead of 96 MiB."""
+        a ring of `R = 2W` slots (`RingKVCache`, masks from `RingCacheMasks`); one forward may then take at most
+        `W + 1` tokens (`prefill_capacity`), so long prompts are prefilled in chunks."""
         W = self.cfg.sliding_window
-        ring = sliding_ring and max_len > 2 * W
-        self.ring_len = 2 * W if ring else None
+        ring_len = 2 * W if sliding_ring and max_len > 2 * W else None
         for i in self.cfg.cache_layers:
             attn = self.layers[i].self_attn
-            length = self.ring_len if ring and not self.cfg.is_full(i) else max_len
-            attn.kv_cache = KVCache(batch_size, attn.n_kv_heads, length, attn.head_dim, dtype=dtype, device=device)
-        slot_pos = torch.full((self.ring_len,), -1, dtype=torch.long, device=device) if ring else None
-        self.register_buffer("sliding_slot_pos", slot_pos, persistent=False)
+            if ring_len is not None and not self.cfg.is_full(i):
+                attn.kv_cache = RingKVCache(batch_size, attn.n_kv_heads, ring_len, attn.head_dim, dtype=dtype,
+                                            device=device)
+            else:
+                attn.kv_cache = KVCache(batch_size, attn.n_kv_heads, max_len, attn.head_dim, dtype=dtype,
+                                        device=device)
+        self.masks = (CacheMasks(W, max_len) if ring_len is None
+                      else RingCacheMasks(W, max_len, ring_len, device=device))
         self.max_len = max_len
-
-    def attend_one_query_key_major(self) -> None:
-        """Every layer's one-token steps attend by `TextAttention._attend_one_query` (same math; what an exported
-        one-token program should run, see there). Longer chunks keep SDPA."""
-        for layer in self.layers:
-            layer.self_attn.one_query_by_key_rows = True
 
     @property
     def prefill_capacity(self) -> int | None:
         """The longest chunk one `forward` may take (None: no limit but `max_len`)."""
-        return None if self.ring_len is None else self.ring_len - self.cfg.sliding_window + 1
+        return getattr(self.masks, "capacity", None)
 
     def drop_caches(self) -> None:
-        for layer in self.layers:
-            layer.self_attn.kv_cache = None
-        self.max_len = self.ring_len = None
-        self.register_buffer("sliding_slot_pos", None, persistent=False)
+        for i in self.cfg.cache_layers:
+            self.layers[i].self_attn.kv_cache = NoCache()
+        self.masks = ChunkMasks(self.cfg.sliding_window)
+        self.max_len = None
 
     def reset_caches(self) -> None:
         for cache in self.kv_caches:
             cache.reset()
-        if self.sliding_slot_pos is not None:
-            self.sliding_slot_pos.fill_(-1)
+        if hasattr(self.masks, "reset"):
+            self.masks.reset()
 
     @property
-    def kv_caches(self) -> list[KVCache]:
-        return [l.self_attn.kv_cache for l in self.layers if l.self_attn.kv_cache is not None]
+    def kv_caches(self) -> list[nn.Module]:
+        """The caches that hold state (one per KV-producing layer once `setup_caches` ran)."""
+        caches = (self.layers[i].self_attn.kv_cache for i in self.cfg.cache_layers)
+        return [c for c in caches if hasattr(c, "reset")]
 
     # -- embedding steps (outside the decoder graph) ----------------------------------------------------------------
 
@@ -298,7 +290,7 @@ class TextDecoder(nn.Module):
         return self.norm.weight.dtype
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids `[B,S]` -> `embed_tokens[ids] * sqrt(H)` `[B,S,H]`, the scale rounded to the compute dtype (pitfall 4)."""
+        """ids `[B,S]` -> `embed_tokens[ids] * sqrt(H)` `[B,S,H]`, the scale rounded to the compute dtype."""
         dtype = self.dtype
         rows = F.embedding(ids, self.embed_tokens.weight).to(dtype)
         return rows * torch.tensor(self.cfg.hidden_size**0.5, dtype=dtype)
@@ -316,13 +308,12 @@ class TextDecoder(nn.Module):
     def per_layer_inputs(self, inputs_embeds: torch.Tensor, ple_rows: torch.Tensor) -> torch.Tensor:
         """PLE combine: `(RMSNorm_P(E @ W_proj^T * H^-0.5) + rows * sqrt(P)) * 2^-0.5` -> `[B,S,L,P]`.
 
-        The projection sees the MERGED embeddings, so image/audio soft tokens feed in (pitfall 5)."""
-        cfg, dtype = self.cfg, inputs_embeds.dtype
+        The projection sees the MERGED embeddings, so image/audio soft tokens feed in."""
+        cfg = self.cfg
         B, S, _ = inputs_embeds.shape
         proj = self.per_layer_model_projection(inputs_embeds) * cfg.hidden_size**-0.5  # (B, S, L*P)
         proj = self.per_layer_projection_norm(proj.view(B, S, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
-        tok = ple_rows.to(dtype) * torch.tensor(cfg.hidden_size_per_layer_input**0.5, dtype=dtype)
-        return (proj + tok) * 2.0**-0.5
+        return (proj + self.ple_scale(ple_rows.to(inputs_embeds.dtype))) * 2.0**-0.5
 
     def forward(
         self,
@@ -334,57 +325,33 @@ class TextDecoder(nn.Module):
     ) -> torch.Tensor:
         """-> logits `[B, S, V]`, or `[B, 1, V]` with `last_only` (then the KV-shared layers run on the last token only:
         they write no cache, so the other positions are not needed, as in the reference's `generate`)."""
+        return self.logits(self.hidden_states(inputs_embeds, ple_rows, positions, last_only=last_only))
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, ple_rows: torch.Tensor, positions: torch.Tensor, *,
+                      last_only: bool = False) -> torch.Tensor:
+        """`forward` without the head: the final normed hidden states `[B, S, H]` (`[B, 1, H]` with `last_only`)."""
         cfg = self.cfg
-        dtype = inputs_embeds.dtype
         pos2d = positions if positions.dim() == 2 else positions.unsqueeze(0)  # (b, S)
         input_pos = positions if positions.dim() == 1 else positions[0]  # (S,)
         ple = self.per_layer_inputs(inputs_embeds, ple_rows)
-
-        q = pos2d[:, None, :, None]  # (b, 1, S, 1)
-        if self.max_len is not None:
-            k = torch.arange(self.max_len, device=positions.device)[None, None, None, :]  # (1, 1, 1, T)
-        else:
-            k = pos2d[:, None, None, :]  # attend within this chunk
-        masks = {False: k <= q}  # keyed by "is sliding"
-        slots = {False: input_pos, True: input_pos}
-        if self.ring_len is not None:
-            if input_pos.shape[0] > self.prefill_capacity:
-                raise ValueError(
-                    f"a chunk of {input_pos.shape[0]} tokens exceeds the sliding ring's capacity "
-                    f"{self.prefill_capacity}; prefill in chunks"
-                )
-            slots[True] = input_pos % self.ring_len
-            self.sliding_slot_pos.index_copy_(0, slots[True], input_pos)
-            k = self.sliding_slot_pos[None, None, None, :]  # (1, 1, 1, R) position held by each slot, -1 if none
-            masks[True] = (k >= 0) & (k <= q) & (k > q - cfg.sliding_window)
-        else:
-            masks[True] = (k <= q) & (k > q - cfg.sliding_window)
-        rope = {
-            False: rope_cos_sin(self.full_inv_freq, pos2d, dtype),
-            True: rope_cos_sin(self.sliding_inv_freq, pos2d, dtype),
-        }
-
+        masks = self.masks(pos2d, input_pos)  # {sliding: mask}
+        rope = {False: rope_cos_sin(self.full_inv_freq, pos2d, inputs_embeds.dtype),
+                True: rope_cos_sin(self.sliding_inv_freq, pos2d, inputs_embeds.dtype)}
         h = inputs_embeds
-        kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        kv: dict[int, object] = {}
         for i, layer in enumerate(self.layers):
             if last_only and i == cfg.first_shared_layer:
                 h, ple = h[:, -1:], ple[:, -1:]
-                masks = {s: m[:, :, -1:] for s, m in masks.items()}
+                masks = {s: last_query(m) for s, m in masks.items()}
                 rope = {s: (c[:, -1:], n[:, -1:]) for s, (c, n) in rope.items()}
             sliding = not cfg.is_full(i)
             cos, sin = rope[sliding]
             shared = kv[self.kv_source[i]] if i >= cfg.first_shared_layer else None
-            h, kv[i] = layer(h, ple[:, :, i], cos, sin, masks[sliding], slots[sliding], shared)
+            h, kv[i] = layer(h, ple[:, :, i], cos, sin, masks[sliding], input_pos, shared)
         if last_only:
             h = h[:, -1:]
-        return self.logits(self.norm(h))
+        return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Tied LM head and the final soft cap `tanh(x / c) * c` (c = 30 for E2B/E4B; pitfall 8)."""
-        w = self.embed_tokens.weight
-        logits = F.linear(h, w if w.dtype == h.dtype else w.to(h.dtype))  # (B, S, V)
-        cap = self.cfg.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
+        """The tied LM head and the final soft cap."""
+        return softcap(self.lm_head(h, self.embed_tokens), self.cfg.final_logit_softcapping)

@@ -6,7 +6,10 @@ export, not math: no boolean indexing (the pooler returns a fixed `[B, Np/k^2]` 
 stripping padding cells), no `.item()`/`.tolist()`, and the RoPE frequencies are computed in `forward` from
 constants so a model built on the meta device needs no buffer re-initialisation.
 
-Reference: gemma4-architecture.md section 6 and pitfalls 9 and 11.
+Reference: transformers' `models/gemma4/modeling_gemma4.py` (`Gemma4VisionModel`). Each of these is easy to miss
+and changes the output: the clip bounds of the linears (on-device tower), the `2 * (x - 0.5)` input scaling, the
+summed x/y position tables, the 2-D RoPE halves (x first), no final norm, pooling by position and the sqrt(Hv) scale
+in float32.
 """
 
 from __future__ import annotations

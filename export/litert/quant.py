@@ -1,10 +1,10 @@
 """LiteRT weight quantization: OUR integers and scales written into the LiteRT flatbuffer, then checked per tensor.
 
-Why not let ai-edge-quantizer re-quantize our dequantized weights (what session 1 did): its symmetric int4 uses
+Why not let ai-edge-quantizer re-quantize our dequantized weights: its symmetric int4 uses
 `scale = max|w| / 7` rounded to nearest bf16 and codes in [-7, 7], while ours (edge_gemma.quantize.schemes) is
 `scale = max|w| / 7.5` rounded UP to bf16 with codes in [-8, 7]. Re-quantizing `q * s` with its rule gives
-`s' = 7.5 s / 7`, so every block whose largest code is not exactly +-7 came back with other integers (3-4 % of blocks
-"at the largest level", and most others). The conventions cannot be matched by feeding it other floats.
+`s' = 7.5 s / 7`, so every block whose largest code is not exactly +-7 comes back with other integers (figures:
+benchmarks/README.md). The conventions cannot be matched by feeding it other floats.
 
 So ai-edge-quantizer only builds the TEMPLATE: the float model is converted with placeholder weights (one shared
 random tensor per shape; the float decoder of E2B is 7.5 GB in float32 and never exists), quantized with the recipe's
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from edge_gemma.quantize.schemes import pack_int4_low_first, unpack_int4_low_first
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +136,6 @@ def _fc_outputs_with_rows(path: Path, rows: int) -> list[str]:
     return out
 
 
-def pack_int4_low_first(codes: np.ndarray) -> np.ndarray:
-    """Signed int4 codes -> TFLite INT4 bytes: two's-complement nibbles, element 2i in the low nibble."""
-    flat = np.asarray(codes, dtype=np.int8).reshape(-1)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int8)])
-    nib = (flat.astype(np.uint8) & 0x0F).reshape(-1, 2)
-    return (nib[:, 0] | (nib[:, 1] << 4)).astype(np.uint8)
-
-
 def _stored(s, m, sg, t) -> tuple[np.ndarray, np.ndarray] | None:
     """(codes [N, K] int, scales [N] or [N, K/B] float32) of a quantized constant tensor, or None."""
     q = t.quantization
@@ -153,9 +146,7 @@ def _stored(s, m, sg, t) -> tuple[np.ndarray, np.ndarray] | None:
     if t.type == s.TensorType.INT8:
         codes = raw.view(np.int8).reshape(shape)  # a view: no copy of a 2 GB table
     else:  # two signed nibbles per byte, low nibble first
-        lo, hi = (raw & 0x0F).astype(np.int8), (raw >> 4).astype(np.int8)
-        nib = np.stack([lo, hi], -1).reshape(-1)[: int(np.prod(shape))]
-        codes = np.where(nib > 7, nib - 16, nib).astype(np.int8).reshape(shape)
+        codes = unpack_int4_low_first(raw, int(np.prod(shape))).reshape(shape)
     if q.detailsType == s.QuantizationDetails.BlockwiseQuantization:
         st = sg.tensors[q.details.scales]
         sb = _buffer(m, st.buffer)

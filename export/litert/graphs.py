@@ -3,7 +3,7 @@
 LiteRT-LM (Google's engine) runs a `.litertlm` whose models follow a fixed contract; our own LiteRT runtime uses the
 very same models, so one export serves both.
 
-* `LitertDecoder`, signatures `prefill_<N>` and `decode`:
+* `LitertDecoder` (the one decoder with the swaps of `swaps.py`), signatures `prefill_<N>` and `decode`:
   inputs `embeddings [1,S,H]` (scaled, merged), `per_layer_embeddings [1,S,L,P]` (PLE rows ALREADY multiplied by
   sqrt(P): the per-layer embedder's output), `input_pos [S] int32`, `mask [1,1,S,T] float32` (0 = visible, a large
   negative value = hidden: LiteRT-LM fills it causally), `kv_cache_k_<i>` `[1,nkv,T,hd]` and `kv_cache_v_<i>`
@@ -40,104 +40,42 @@ very same models, so one export serves both.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from edge_gemma.model.text import TextDecoder, apply_rope, rope_cos_sin
+from .swaps import MASK_MIN, replace_for_litert
 
 __all__ = ["LitertAudio", "LitertDecoder", "LitertEmbedder", "LitertPerLayerEmbedder", "LitertVision", "LmAudioAdapter",
            "LmAudioEncoder", "LmVisionAdapter", "LmVisionEncoder", "MASK_MIN", "cache_input_names"]
-
-# The hidden value LiteRT-LM's CPU executor writes into float masks (-0.7 * float32 max); finite on purpose.
-MASK_MIN = -0.7 * torch.finfo(torch.float32).max
 
 
 def cache_input_names(n_cache_layers: int) -> list[str]:
     return [f"kv_cache_{kv}_{i}" for i in range(n_cache_layers) for kv in ("k", "v")]
 
 
-def _dynamic_update_slice(cache: torch.Tensor, update: torch.Tensor, start: torch.Tensor, dim: int) -> torch.Tensor:
-    """`cache` with `update` written along `dim` from index `start` (a 0-d int32): TFLite DYNAMIC_UPDATE_SLICE."""
-    from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
-
-    zero = torch.zeros((1,), dtype=torch.int32)
-    parts = [zero] * cache.dim()
-    parts[dim] = start.reshape(1)
-    return dynamic_update_slice(cache, update, [x for x in torch.cat(parts)])  # 0-d indices, as the op needs
-
-
 class LitertDecoder(nn.Module):
-    """The text decoder with LiteRT-LM's signature I/O (see the module docstring)."""
+    """The one decoder, swapped for LiteRT (`swaps.replace_for_litert`), with LiteRT-LM's signature I/O (see the
+    module docstring). `logits=False` (prefill) returns the updated caches only."""
 
-    def __init__(self, decoder: TextDecoder, context: int, *, logits: bool):
+    def __init__(self, decoder: nn.Module, context: int, *, logits: bool):
         super().__init__()
-        self.decoder = decoder
-        self.context = context
+        self.decoder = replace_for_litert(decoder, context)
         self.with_logits = logits
-        self.cfg = decoder.cfg
-
-    def _attend(self, attn, x, cos, sin, mask_add, start, cache_k, cache_v, shared):
-        B, S, _ = x.shape
-        hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
-        q = attn.q_norm(attn.q_proj(x).view(B, S, nh, hd))
-        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, nh, S, hd)
-        new = None
-        if attn.computes_kv:
-            k = attn.k_norm(attn.k_proj(x).view(B, S, nkv, hd))
-            k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, nkv, S, hd)
-            v = attn.v_norm(attn.v_proj(x).view(B, S, nkv, hd)).transpose(1, 2)  # (B, nkv, S, hd)
-            k_all = _dynamic_update_slice(cache_k, k, start, 2)  # (1, nkv, T, hd)
-            vt_all = _dynamic_update_slice(cache_v, v.transpose(2, 3), start, 3)  # (1, nkv, hd, T)
-            new = (k_all, vt_all)
-        else:
-            k_all, vt_all = shared
-        rep = nh // nkv
-        qg = q.reshape(B, nkv, rep * S, hd)  # query heads grouped by their KV head (heads are kv-major)
-        scores = torch.matmul(qg, k_all.transpose(2, 3)).view(B, nkv, rep, S, -1)  # scaling 1.0 (Gemma 4)
-        probs = torch.softmax(scores + mask_add.unsqueeze(1), dim=-1).view(B, nkv, rep * S, -1)
-        out = torch.matmul(probs, vt_all.transpose(2, 3)).view(B, nh, S, hd)
-        out = out.transpose(1, 2).reshape(B, S, nh * hd)
-        return attn.o_proj(out), (new if new is not None else (k_all, vt_all))
 
     def forward(self, embeddings, per_layer_embeddings, input_pos, mask, **caches):
-        cfg, dec = self.cfg, self.decoder
-        h = embeddings  # (1, S, H)
-        B, S, _ = h.shape
-        proj = dec.per_layer_model_projection(h) * cfg.hidden_size**-0.5
-        proj = dec.per_layer_projection_norm(proj.view(B, S, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
-        ple = (proj + per_layer_embeddings) * 2.0**-0.5  # (1, S, L, P)
-
-        pos = input_pos.to(torch.int64)[None, :]  # (1, S)
-        q = input_pos[:, None]  # (S, 1) int32
-        k = torch.arange(self.context, dtype=torch.int32)[None, :]  # (1, T)
-        global_add = mask[:, 0]  # (1, S, T) additive: 0 visible, MASK_MIN hidden
-        in_window = k > q - cfg.sliding_window  # (S, T)
-        sliding_add = torch.where(in_window[None], global_add, torch.full_like(global_add, MASK_MIN))
-        masks = {False: global_add.unsqueeze(1), True: sliding_add.unsqueeze(1)}  # (1, 1, S, T)
-        rope = {False: rope_cos_sin(dec.full_inv_freq, pos, h.dtype),
-                True: rope_cos_sin(dec.sliding_inv_freq, pos, h.dtype)}
-        start = input_pos[0]
-
-        out: dict[str, torch.Tensor] = {}
-        kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for i, layer in enumerate(dec.layers):
-            sliding = not cfg.is_full(i)
-            cos, sin = rope[sliding]
-            attn = layer.self_attn
-            ck = caches.get(f"kv_cache_k_{i}") if attn.computes_kv else None
-            cv = caches.get(f"kv_cache_v_{i}") if attn.computes_kv else None
-            shared = kv[dec.kv_source[i]] if not attn.computes_kv else None
-            a, kv[i] = self._attend(attn, layer.input_layernorm(h), cos, sin, masks[sliding][:, 0], start, ck, cv,
-                                    shared)
-            if attn.computes_kv:
-                out[f"kv_cache_k_{i}"], out[f"kv_cache_v_{i}"] = kv[i]
-            x = h + layer.post_attention_layernorm(a)
-            x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
-            g = F.gelu(layer.per_layer_input_gate(x), approximate="tanh") * ple[:, :, i]
-            x = x + layer.post_per_layer_input_norm(layer.per_layer_projection(g))
-            h = x * layer.layer_scalar.to(x.dtype)
+        dec = self.decoder
+        layers = dec.cfg.cache_layers
+        for i in layers:
+            dec.layers[i].self_attn.kv_cache.bind(caches[f"kv_cache_k_{i}"], caches[f"kv_cache_v_{i}"])
+        dec.masks.bind(mask)
         if self.with_logits:
-            out["logits"] = dec.logits(dec.norm(h[:, -1:]))  # (1, 1, V)
+            logits = dec(embeddings, per_layer_embeddings, input_pos, last_only=True)  # (1, 1, V)
+        else:
+            dec.hidden_states(embeddings, per_layer_embeddings, input_pos, last_only=True)
+        out: dict[str, torch.Tensor] = {}
+        for i in layers:
+            out[f"kv_cache_k_{i}"], out[f"kv_cache_v_{i}"] = dec.layers[i].self_attn.kv_cache.new
+        if self.with_logits:
+            out["logits"] = logits
         return out
 
 

@@ -14,21 +14,22 @@ Entry point for `export/build.py`: `export_backend(job) -> manifest entry`::
                       "tensors": {hf_name: label}},
      "lowering": {"export_seconds": .., "lower_seconds": ..}}
 
-How the weights become torchao tensors without re-quantization: `export/executorch_model.py`. How the program is
-lowered (partitioners, shared mutable caches, external weights): `export/executorch_lower.py`.
+How the weights become torchao tensors without re-quantization: `model.py`; what the one decoder swaps for
+ExecuTorch: `swaps.py`; how the program is lowered (partitioners, shared mutable caches, external weights):
+`lower.py`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .executorch_lower import lower_program
-from .executorch_model import (
+from ..common import AudioGraph, VisionGraph
+from .lower import lower_program
+from .model import (
     CacheLoad,
     CacheReset,
     DecoderMethod,
@@ -54,15 +55,11 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
     artifact root, i.e. prefixed by `rel_prefix`).
 
     `precise` (the default) leaves XNNPACK's approximate transcendental kernels (gelu, tanh, exp, softmax, rsqrt, ...)
-    to ExecuTorch's portable kernels, fp32 and quantized alike. Measured on the embedded model, int4, 256 held-out
-    tokens against the XNNPACK-emulated eager model: delegated, median |logit diff| 0.024 at every position (position
-    0 included, so not a cache effect); precise, median 2.9e-6 (the int8 activation rounding is then reproduced
-    exactly). Every excluded op splits the XNNPACK delegate, so there are many partitions; ExecuTorch used to sort
-    and recompile the whole method once per partition (quadratic), which `executorch_lower` now does once per
-    method: the full-size E2B's text methods lower in ~14 minutes. `EDGE_GEMMA_EXECUTORCH_PRECISE=0` delegates
-    everything (fewer partitions; logits a few hundredths off the emulated eager model)."""
-    from .onnx_graphs import AudioGraph, VisionGraph
-
+    to ExecuTorch's portable kernels, fp32 and quantized alike: delegated, they move the logits by a few hundredths
+    against the XNNPACK-emulated eager model at every position, while the precise program reproduces the int8
+    activation rounding exactly (figures in benchmarks/README.md). Every excluded op splits the XNNPACK delegate, so
+    there are many partitions (`lower.py` keeps that affordable). `precise=False` (`edge-gemma export
+    --executorch-delegate-all`) delegates everything: fewer partitions, logits a few hundredths off."""
     if context < 2:
         raise ExecutorchExportError(f"context must be at least 2 positions, got {context}")
     chunk = max(2, min(int(max_prefill_chunk), context))
@@ -91,7 +88,7 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
         xs, ys = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy")
         pos = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
         # Upper bounds matter here: ExecuTorch plans activation memory for the largest shape a method allows, and
-        # loading a tower sized for 4096 cells / 30000 frames took > 20 GB. 280 cells = Gemma 4's default image
+        # a tower sized for 4096 cells / 30000 frames plans more than a device has. 280 cells = Gemma 4's default image
         # budget (280 soft tokens); 3000 frames = 30 s of audio.
         cells = torch.export.Dim("cells", min=1, max=MAX_IMAGE_CELLS)
         methods["vision"] = (Scoped("vision", VisionGraph(em.model.vision_tower, em.model.embed_vision)).eval(),
@@ -136,7 +133,6 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
 
 def export_backend(job) -> dict[str, Any]:
     """`export/build.py`'s hook: write `<artifact>/executorch/` from `job.checkpoint`."""
-    precise = os.environ.get("EDGE_GEMMA_EXECUTORCH_PRECISE", "1").strip().lower() not in ("0", "false", "no")
     return export_executorch(job.checkpoint, job.out_dir, context=job.context,
                              max_prefill_chunk=job.max_prefill_chunk, rel_prefix=job.folder,
-                             text_only=bool(getattr(job, "text_only", False)), precise=precise)
+                             text_only=job.text_only, precise=job.executorch_precise)

@@ -17,12 +17,12 @@ and `xnn_compute_f32_qd8_convert`, XNNPACK `src/xnnpack/quantization.h`, `src/op
 XNNPACK has two multipliers. Its convert operator (ExecuTorch emits one before every dynamically quantized linear)
 quantizes with `mult = 1 / a_scale`, i.e. 1 / (1 / m), which is m or one float32 step away from it. When XNNPACK
 instead fuses the conversion into the GEMM ("inline LHS packing", its packing kernel gets the parameters' own scale)
-it quantizes with `mult = m`. Measured on the embedded model (int4 and int8, 256 held-out tokens, the program and
-this reference fed the same caches): the linear that reads a method's input directly, `per_layer_model_projection`
-(input `inputs_embeds`), is quantized with m -- every row where the two multipliers give different codes matched m --
+it quantizes with `mult = m`. Compared row by row on the embedded model (int4 and int8, held-out text, the program
+and this reference fed the same caches): the linear that reads a method's input directly, `per_layer_model_projection`
+(input `inputs_embeds`), is quantized with m -- every row where the two multipliers give different codes matches m --
 and every other linear with 1 / (1 / m) (their inputs are produced by XNNPACK ops inside the same delegate).
-`INLINE_LHS_PACKED` names the former; with it, the largest logit difference fell from 0.0505 / 0.0537 to 0.026 /
-0.031 and the rows with codes that differ between the multipliers disappeared from the worst positions.
+`INLINE_LHS_PACKED` names the former; with it, the rows whose codes differ between the multipliers are no longer
+among the worst positions and the largest logit difference drops (figures: benchmarks/README.md).
 
 The integer sums are exact (float64 here); only the float32 accumulation order over blocks can differ (~1e-7).
 `emulate_xnnpack(module)` swaps every torchao dynamically quantized linear of a module for this one, in place.

@@ -3,12 +3,12 @@
 Files (all under the artifact's `litert/` folder):
 
 * `decoder.tflite`: signatures `prefill_<N>` (N = the artifact's max prefill chunk) and `decode`, LiteRT-LM's Gemma 4
-  I/O (`export/litert_graphs.py`): caches only for the cache-owning layers, final softcap included.
+  I/O (`export/litert/graphs.py`): caches only for the cache-owning layers, final softcap included.
 * `embedder.tflite` (`embedder`) and `per_layer_embedder.tflite` (`per_layer_embedder`): one token per call, the
   single signature LiteRT-LM's embedding lookup accepts. Our runtime gathers PLE rows from `ple.bin` instead.
-* `model.litertlm`: the three models + tokenizer + Gemma 4 metadata (`export/litert_bundle.py`), for LiteRT-LM.
+* `model.litertlm`: the three models + tokenizer + Gemma 4 metadata (`export/litert/bundle.py`), for LiteRT-LM.
 
-Quantized checkpoints (`export/litert_quant.py`): the decoder and the two embedders are converted from a model whose
+Quantized checkpoints (`export/litert/quant.py`): the decoder and the two embedders are converted from a model whose
 quantized weights are PLACEHOLDERS (one random tensor per projection kind and shape, shared by the layers; the tied
 head and the embedding tables at HEAD_ROWS rows), quantized by ai-edge-quantizer in the recipe's layout (linears int4
 blockwise / int8 channelwise, tables and head int8 channelwise, dynamic int8 activations); then every placeholder is
@@ -23,7 +23,7 @@ converted from their dequantized weights and re-quantized int8 channelwise by ai
   (padding frames masked; the valid outputs do not depend on them).
 
 The .litertlm also carries LiteRT-LM's own split encoder/adapter models for vision and audio (float32, built by
-`export/litert_bundle.convert_lm_towers`; I/O contract in `export/litert_graphs.py`).
+`export/litert/bundle.convert_lm_towers`; I/O contract in `export/litert/graphs.py`).
 Memory (quantized export): no float copy of a quantized decoder/table tensor ever exists. The float graph holds one
 placeholder per projection kind and shape (E2B: ~0.12 G values) and the real float norms; the logits head is converted
 at HEAD_ROWS rows and widened to the vocabulary in the flatbuffer (`_widen_head`); the embedders are converted at
@@ -104,7 +104,7 @@ def _our_loader(q):
     """name -> OurWeight (codes and scales exactly as the quantized checkpoint stores them)."""
     from edge_gemma.quantize.schemes import Int4Group, Int8PerChannel
 
-    from .litert_quant import OurWeight
+    from .quant import OurWeight
 
     def load(name: str) -> OurWeight:
         scheme = q.schemes.get(name)
@@ -118,67 +118,83 @@ def _our_loader(q):
     return load
 
 
-def _nothing(shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor of `shape` that allocates nothing (never converted, never read)."""
-    return torch.zeros(1, dtype=torch.float32).expand(*shape) if shape else torch.zeros((), dtype=torch.float32)
+class LitertPlaceholders:
+    """How the LiteRT converter sees a quantized checkpoint's text weights: every quantized linear of one projection
+    kind and shape shares ONE random placeholder (the converter quantizes it; `quant.write_with_our_weights` then
+    overwrites it with our codes and scales), and the tied head is a placeholder of `HEAD_ROWS` rows (widened to the
+    vocabulary in the flatbuffer). A placeholder per KIND, not only per shape, keeps the converter from merging two
+    projections of the same input (k/v, gate/up) as one common subexpression. Values are drawn away from zero, so a
+    folded constant factor is recoverable; the head's first, then the linears' in module order."""
 
+    def __init__(self, hidden_size: int):
+        self.rng = np.random.default_rng(0)
+        self.groups: dict[tuple, dict] = {}
+        self.head_shape = (HEAD_ROWS, hidden_size)
+        self._placeholder("head", self.head_shape, None)
 
-def _placeholder_model(job, q, *, real: set[str] | None):
-    """Our Gemma4Model on the meta device, with: the quantized TEXT linears (and the tied head) as placeholders
-    shared per (projection kind, shape); the float text tensors real; everything else (PLE table, towers) an
-    expanded zero that allocates nothing and is never converted. `real`: checkpoint names to load dequantized
-    instead (the towers), in which case nothing is a placeholder.
-
-    Returns (model, [Placeholder]). A placeholder per KIND (not only per shape) keeps the converter from merging
-    two projections of the same input (k/v, gate/up) as one common subexpression."""
-    from edge_gemma.checkpoint import params_on_meta
-    from edge_gemma.model.gemma4 import Gemma4Model
-
-    from .litert_quant import Placeholder
-
-    cfg = job.config
-    with params_on_meta():
-        model = Gemma4Model(cfg, max_len=job.context)
-    rng = np.random.default_rng(0)
-    groups: dict[tuple, dict] = {}
-    state: dict[str, torch.Tensor] = {}
-    for path, target in model.state_dict().items():
-        name = _ckpt_name(cfg, path)
-        shape = tuple(target.shape)
-        quantized = q.schemes.get(name) is not None
-        if real is not None:
-            if name in real:
-                state[path] = torch.from_numpy(np.ascontiguousarray(q.dequantized(name), dtype=np.float32))
-            else:
-                state[path] = _nothing(shape)
-            continue
-        if path.startswith("language_model.") and path.endswith("embed_tokens.weight"):
-            shape, kind = (HEAD_ROWS, shape[1]), "head"
-        elif not path.startswith("language_model.") or "embed_tokens_per_layer" in path:
-            state[path] = _nothing(shape)
-            continue
-        elif quantized:
-            kind = path.split(".")[-2]
-        else:
-            state[path] = torch.from_numpy(np.ascontiguousarray(q.dequantized(name), dtype=np.float32))
-            continue
-        g = groups.setdefault((kind, shape), {"names": []})
-        if "tensor" not in g:  # away from zero, so a folded constant factor is recoverable
-            v = rng.uniform(1.0, 2.0, size=shape).astype(np.float32) * rng.choice([-1.0, 1.0], size=shape)
+    def _placeholder(self, kind: str, shape: tuple[int, ...], name: str | None) -> torch.Tensor:
+        g = self.groups.setdefault((kind, shape), {"names": []})
+        if "tensor" not in g:
+            v = self.rng.uniform(1.0, 2.0, size=shape).astype(np.float32) * self.rng.choice([-1.0, 1.0], size=shape)
             g["tensor"] = torch.from_numpy(v.astype(np.float32))
-        g["names"].append(name)
-        state[path] = g["tensor"] if kind != "head" else _nothing(tuple(target.shape))
-    model.load_state_dict(state, strict=True, assign=True)
-    head = next((g["tensor"] for (kind, _), g in groups.items() if kind == "head"), None)
-    if head is not None:  # the tied head at HEAD_ROWS rows (widened in the flatbuffer afterwards)
-        model.language_model.embed_tokens = torch.nn.Embedding.from_pretrained(head, freeze=True)
-    model.eval().requires_grad_(False)
-    return model, [Placeholder(values=g["tensor"].numpy(), names=tuple(g["names"])) for g in groups.values()]
+        if name is not None:
+            g["names"].append(name)
+        return g["tensor"]
+
+    @staticmethod
+    def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.nn.Linear:
+        lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            lin.bias = torch.nn.Parameter(bias, requires_grad=False)
+        return lin
+
+    def linear(self, scheme, stored, shape, bias, name):
+        return self._linear(self._placeholder(name.split(".")[-2], tuple(shape), name), bias)
+
+    def head(self, scheme, stored, shape, name):
+        return self._linear(self._placeholder("head", self.head_shape, name))
+
+    def placeholders(self):
+        from .quant import Placeholder
+
+        return [Placeholder(values=g["tensor"].numpy(), names=tuple(g["names"])) for g in self.groups.values()
+                if g["names"]]
+
+
+class Dequantized:
+    """The towers' linears as float32 weights dequantized from our integers (ai-edge-quantizer re-quantizes them)."""
+
+    def linear(self, scheme, stored, shape, bias, name):
+        weight = torch.from_numpy(np.ascontiguousarray(scheme.decode(stored, tuple(shape)), dtype=np.float32))
+        return LitertPlaceholders._linear(weight, bias)
+
+    def head(self, scheme, stored, shape, name):
+        raise LitertExportError("the towers' conversion builds no head")
+
+
+def _text_model(job):
+    """The text decoder with placeholder linears (`LitertPlaceholders`) and a placeholder table under its tied head;
+    and the placeholders."""
+    from ..common import load_export_model
+
+    linears = LitertPlaceholders(job.config.text.hidden_size)
+    em = load_export_model(job.checkpoint, linears, text_only=True)
+    em.model.language_model.embed_tokens = torch.nn.Embedding.from_pretrained(em.head.weight, freeze=True)
+    return em.model, linears.placeholders()
+
+
+def _tower_model(job):
+    """The model with only its towers loaded (dequantized); the text stays on the meta device."""
+    from ..common import load_export_model
+
+    return load_export_model(job.checkpoint, Dequantized(),
+                             include=lambda name: not name.startswith("language_model.")).model
 
 
 def _table_template(job, q, work: Path, role: str, path: str, build) -> tuple[Path, Path, Any]:
     """Convert + quantize an embedder over a HEAD_ROWS-row placeholder table standing for our `path` table."""
-    from .litert_quant import Placeholder, quantize_tflite
+    from .quant import Placeholder, quantize_tflite
 
     name = _ckpt_name(job.config, path)
     cols = int(q.entry(name)["shape"][1])
@@ -196,8 +212,8 @@ def _export_quantized_text(job, work: Path, out: Path, *, N: int, sample) -> dic
     """decoder.tflite, embedder.tflite, per_layer_embedder.tflite with our integers (see the module docstring)."""
     from edge_gemma.quantize.schemes import Int8PerChannel
 
-    from .litert_graphs import LitertDecoder, LitertEmbedder, LitertPerLayerEmbedder
-    from .litert_quant import assign_uses, check_integers, quantize_tflite, widen_rows, write_with_our_weights
+    from .graphs import LitertDecoder, LitertEmbedder, LitertPerLayerEmbedder
+    from .quant import assign_uses, check_integers, quantize_tflite, widen_rows, write_with_our_weights
 
     cfg, t = job.config, job.config.text
     T, V, H, L, P = job.context, t.vocab_size, t.hidden_size, t.num_hidden_layers, t.hidden_size_per_layer_input
@@ -210,9 +226,8 @@ def _export_quantized_text(job, work: Path, out: Path, *, N: int, sample) -> dic
                 raise LitertExportError(f"{job.checkpoint}: {_ckpt_name(cfg, path)} is "
                                         f"{getattr(sch, 'label', 'float')}; the LiteRT exporter needs the embedding "
                                         "tables int8 per channel (LiteRT's EMBEDDING_LOOKUP has no int4 blocks)")
-        model, placeholders = _placeholder_model(job, q, real=None)
+        model, placeholders = _text_model(job)
         dec = model.language_model
-        dec.embed_tokens_per_layer = torch.nn.Embedding(1, 1)  # never read by the decoder; keep it out of the graph
         log.info("litert: decoder graph (prefill_%d, decode; context %d; placeholder weights)", N, T)
         _convert([(f"prefill_{N}", LitertDecoder(dec, T, logits=False), sample(N)),
                   ("decode", LitertDecoder(dec, T, logits=True), sample(1))], work / "decoder_float.tflite")
@@ -281,8 +296,8 @@ def _linear_scheme(job):
 
 
 def export_backend(job) -> dict[str, Any]:
-    from .litert_bundle import build_litertlm
-    from .litert_graphs import LitertDecoder, LitertEmbedder, LitertPerLayerEmbedder, cache_input_names
+    from .bundle import build_litertlm
+    from .graphs import LitertDecoder, LitertEmbedder, LitertPerLayerEmbedder, cache_input_names
 
     cfg, t = job.config, job.config.text
     T = job.context
@@ -310,8 +325,7 @@ def export_backend(job) -> dict[str, Any]:
         if job.quantized:
             quant = _export_quantized_text(job, work, out, N=N, sample=sample)
             towers = set() if job.text_only else set(_tower_names(job))
-            with job.quantized_checkpoint() as q:  # the towers only, dequantized; the text stays unmaterialised
-                model = _placeholder_model(job, q, real=towers)[0] if towers else None
+            model = _tower_model(job) if towers else None  # the towers only; the text stays unmaterialised
         else:
             model = job.load_model()
             dec = model.language_model
@@ -330,7 +344,7 @@ def export_backend(job) -> dict[str, Any]:
         stage = work if job.quantized else out
         vision_patches = None
         if cfg.vision is not None and not job.text_only:
-            from .litert_graphs import LitertVision
+            from .graphs import LitertVision
 
             k = cfg.vision.pooling_kernel_size
             vision_patches = VISION_SOFT_TOKENS * k * k
@@ -343,20 +357,20 @@ def export_backend(job) -> dict[str, Any]:
         if cfg.audio is not None and not job.text_only:
             from edge_gemma.audio import MAX_SAMPLES, num_mel_frames
 
-            from .litert_graphs import LitertAudio
+            from .graphs import LitertAudio
 
             audio_frames = num_mel_frames(MAX_SAMPLES)
             log.info("litert: audio encoder (%d frames)", audio_frames)
             sample_a = {"features": torch.randn(audio_frames, 128), "mask": torch.ones(audio_frames, dtype=torch.int32)}
             _convert([("audio_encoder", LitertAudio(model.audio_tower, model.embed_audio), sample_a)],
                      stage / "audio.tflite")
-        from .litert_bundle import convert_lm_towers  # LiteRT-LM's encoder/adapter sections (float32, bundle only)
+        from .bundle import convert_lm_towers  # LiteRT-LM's encoder/adapter sections (float32, bundle only)
 
         lm_towers = convert_lm_towers(model, cfg, work, _convert, vision_patches=vision_patches,
                                       audio_frames=audio_frames) if model is not None else {}
         del model
         if job.quantized:
-            from .litert_quant import quantize_tflite
+            from .quant import quantize_tflite
 
             for name in (("vision",) if vision_patches else ()) + (("audio",) if audio_frames else ()):
                 log.info("litert: quantizing %s int8 channelwise (ai-edge-quantizer)", name)

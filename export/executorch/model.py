@@ -13,20 +13,20 @@ the reference with XNNPACK's activation quantization emulated (torchao quantizes
 asymmetric int8 exactly as the lowered graph does). The embedding table gets a weight-only tensor (ExecuTorch lowers
 the gather to `quantized_decomposed::embedding_4bit` / `embedding_byte`). `Int4GroupAsym` (ONNX-only) is refused.
 
-The model is built on the meta device (`params_on_meta`): only the tensors the methods use are materialised; the PLE
-table is never read (the engine feeds its rows from `ple.bin`) and is removed from the module before export.
+The model comes from the shared loader (`export/common.load_export_model`, with `EtLinears`): built on the meta
+device, only the tensors the methods use are materialised; the PLE table is never read (the engine feeds its rows from
+`ple.bin`) and is not part of the module.
 
 Method modules (batch 1 added inside): `EmbedMethod` ids [S] -> [S, H]; `DecoderMethod` (prefill and decode: the same
 module exported twice, S dynamic and S = 1) -> logits [1, V] of the last position, caches as mutable buffers updated
 in place by the eager `KVCache.update` (`index_copy_`); `CacheReset` () -> zeros the same buffers (called once at load:
-the caches are planned memory, not serialized zeros); the towers reuse `export/onnx_graphs.VisionGraph`/`AudioGraph`
-inside `Scoped` so that every method's constants have names of their own in the shared `.ptd`.
+the caches are planned memory, not serialized zeros); the towers are `export/common.VisionGraph`/`AudioGraph` inside
+`Scoped` so that every method's constants have names of their own in the shared `.ptd`.
 """
 
 from __future__ import annotations
 
 import logging
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,16 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_gemma.config import ModelConfig, load_config
+from edge_gemma.config import ModelConfig
 from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel, Scheme, unpack_int4
 
-__all__ = ["CacheLoad", "CacheReset", "DecoderMethod", "EmbedMethod", "EtModel", "ExecutorchExportError", "Scoped",
-           "cache_buffers", "intx_weight", "load_et_model", "stored_from_intx"]
+from ..common import EMBED
+from .swaps import replace_for_executorch
+
+__all__ = ["CacheLoad", "CacheReset", "DecoderMethod", "EmbedMethod", "EtLinears", "EtModel", "ExecutorchExportError",
+           "Scoped", "cache_buffers", "intx_weight", "load_et_model", "stored_from_intx"]
 
 log = logging.getLogger(__name__)
 
-EMBED = "language_model.embed_tokens.weight"
-PLE = "language_model.embed_tokens_per_layer.weight"
 
 
 class ExecutorchExportError(ValueError):
@@ -104,91 +105,46 @@ class EtModel:
     schemes: dict[str, str]  # HF name -> scheme label or "float"
 
 
-def _swap_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    module.weight = nn.Parameter(weight, requires_grad=False)
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+class EtLinears:
+    """How the `.pte` holds the checkpoint's weights: `nn.Linear`s over torchao tensors of the stored integers with
+    dynamic int8 activations (`intx_weight`); a float table stays float32."""
+
+    def linear(self, scheme, stored, shape, bias, name):
+        return _linear(intx_weight(scheme, stored, shape, dynamic_activations=True, name=name), bias)
+
+    def head(self, scheme, stored, shape, name):
+        if scheme is None:
+            return _linear(torch_owned(np.asarray(stored["tensor"], dtype=np.float32)))
+        return _linear(intx_weight(scheme, stored, shape, dynamic_activations=True, name=name))
 
 
 def load_et_model(checkpoint: str | Path, *, context: int, text_only: bool = False) -> EtModel:
-    """`Gemma4Model` ready for export from a quantized (quant_manifest.json) or float checkpoint."""
-    from edge_gemma.checkpoint import hf_name, load_model, params_on_meta
-    from edge_gemma.model.gemma4 import Gemma4Model
+    """`Gemma4Model` ready for export from a quantized (quant_manifest.json) or float checkpoint, with static caches of
+    `context` slots; the embedding table is the head's float weight, or a weight-only intx tensor over the same
+    integers (ExecuTorch lowers its gather to `embedding_4bit` / `embedding_byte`)."""
+    from ..common import load_export_model
 
-    path = Path(checkpoint)
-    if not (path / "quant_manifest.json").is_file():  # float Hugging Face checkpoint: plain float32
-        model = load_model(path, text_only=text_only, max_len=context)
-        lm = model.language_model
-        head = nn.Linear(lm.cfg.hidden_size, lm.cfg.vocab_size, bias=False, device="meta")  # weight set below
-        head.weight = lm.embed_tokens.weight
-        lm._modules.pop("embed_tokens_per_layer")
-        return EtModel(cfg=model.cfg, model=model.eval(), table=lm.embed_tokens, head=head, schemes={})
-
-    from edge_gemma.quantize.load import QuantizedCheckpoint
-
-    with QuantizedCheckpoint(path) as qc:
-        cfg = load_config(path)
-        layout = cfg.model_type
-        if text_only:
-            cfg = cfg.text_only()
-        with params_on_meta():
-            model = Gemma4Model(cfg, max_len=context)
-        schemes: dict[str, str] = {}
-
-        def hf(ours: str) -> str:
-            name = hf_name(ours, layout)
-            if name is None or name not in qc.manifest["tensors"]:
-                raise ExecutorchExportError(f"{path}: the quantized checkpoint has no tensor for {ours!r} ({name!r})")
-            return name
-
-        lm = model.language_model
-        lm._modules.pop("embed_tokens_per_layer")  # never read: rows come from ple.bin
-        quantized: set[str] = set()
-        for mod_name, mod in model.named_modules():
-            if not isinstance(mod, nn.Linear):
-                continue
-            name = hf(mod_name + ".weight")
-            scheme = qc.schemes[name]
-            if scheme is None:
-                continue
-            shape = tuple(qc.entry(name)["shape"])
-            _swap_weight(mod, intx_weight(scheme, qc.stored(name), shape, dynamic_activations=True, name=name))
-            if mod.bias is not None:
-                quantized.add(mod_name + ".bias")
-            quantized.add(mod_name + ".weight")
-            schemes[name] = scheme.label
-        state = {}
-        for ours, target in model.state_dict().items():
-            if ours == EMBED or (ours in quantized and ours.endswith(".weight")):
-                continue
-            name = hf(ours)
-            if qc.schemes[name] is not None:
-                raise ExecutorchExportError(f"{path}: tensor {name!r} is quantized ({qc.schemes[name].label}) but "
-                                            f"{ours!r} is not a linear weight the ExecuTorch exporter can quantize")
-            arr = np.asarray(qc.stored(name)["tensor"], dtype=np.float32)
-            if tuple(arr.shape) != tuple(target.shape):
-                raise ExecutorchExportError(f"{path}: tensor {name!r} has shape {list(arr.shape)}, expected "
-                                            f"{list(target.shape)}")
-            state[ours] = torch_owned(arr)
-            schemes[name] = "float"
-        model.load_state_dict(state, strict=False, assign=True)
-        for ours, p in model.named_parameters():
-            if p.is_meta and ours != EMBED:
-                raise ExecutorchExportError(f"{path}: parameter {ours!r} was not loaded")
-
-        emb = hf(EMBED)
-        scheme, shape = qc.schemes[emb], tuple(qc.entry(emb)["shape"])
-        stored = qc.stored(emb)
-        head = nn.Linear(shape[1], shape[0], bias=False, device="meta")  # no [V, H] float32 init (E4B: 2.7 GB)
-        if scheme is None:
-            w = torch_owned(np.asarray(stored["tensor"], dtype=np.float32))
-            _swap_weight(lm.embed_tokens, w)
-            head.weight = lm.embed_tokens.weight
-            schemes[emb] = "float"
-        else:
-            _swap_weight(lm.embed_tokens, intx_weight(scheme, stored, shape, dynamic_activations=False, name=emb))
-            _swap_weight(head, intx_weight(scheme, stored, shape, dynamic_activations=True, name=emb))
-            schemes[emb] = scheme.label
-    model.eval().requires_grad_(False)
-    return EtModel(cfg=cfg, model=model, table=lm.embed_tokens, head=head, schemes=schemes)
+    em = load_export_model(checkpoint, EtLinears(), text_only=text_only)
+    lm = em.model.language_model
+    table = nn.Embedding(*em.head.weight.shape, device="meta")
+    if em.embed_scheme is None:
+        table.weight = em.head.weight
+    else:
+        weight = intx_weight(em.embed_scheme, em.embed_stored, tuple(em.head.weight.shape), dynamic_activations=False,
+                             name=EMBED)
+        table.weight = nn.Parameter(weight, requires_grad=False)
+    lm.embed_tokens = table
+    lm.setup_caches(context)
+    return EtModel(cfg=em.cfg, model=em.model.eval().requires_grad_(False), table=table, head=em.head,
+                   schemes=em.schemes)
 
 
 class EmbedMethod(nn.Module):
@@ -203,27 +159,16 @@ class EmbedMethod(nn.Module):
         return F.embedding(ids, self.table.weight).float() * self.scale
 
 
-def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
-    logits = self.export_head(h)
-    cap = self.cfg.final_logit_softcapping
-    return torch.tanh(logits / cap) * cap if cap is not None else logits
-
-
 class DecoderMethod(nn.Module):
     """`(inputs_embeds [1,S,H], ple_rows [1,S,L,P], positions [S]) -> logits [1, V]` of the last position.
 
-    The eager `TextDecoder` with its static caches (`layers.i.self_attn.kv_cache.{k,v}_cache`, cache-owning layers
-    only) and `last_only=True`; its tied head is swapped for `head` (the quantized linear over the table's
-    integers). One-token steps (`decode`, and the KV-shared layers of `prefill`, which run on the last position only)
-    attend key-major (`TextAttention._attend_one_query`): SDPA's decomposition copied the whole K cache per layer
-    and per token (transposed, scaled, expanded), most of a decode step at 4096 slots."""
+    The one decoder with its static caches (`layers.i.self_attn.kv_cache.{k,v}_cache`, cache-owning layers only),
+    swapped for ExecuTorch (`swaps.replace_for_executorch`: key-major one-token attention, `head` as the tied head),
+    run with `last_only=True`."""
 
     def __init__(self, lm: nn.Module, head: nn.Module):
         super().__init__()
-        lm.export_head = head
-        lm.logits = types.MethodType(_head_logits, lm)
-        lm.attend_one_query_key_major()
-        self.lm = lm
+        self.lm = replace_for_executorch(lm, head)
 
     def forward(self, inputs_embeds: torch.Tensor, ple_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.lm(inputs_embeds, ple_rows, positions, last_only=True)[:, -1]

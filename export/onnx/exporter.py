@@ -1,16 +1,6 @@
 """ONNX exporter: embedder, decoder (KV caches as inputs), vision and audio graphs, weights as external data.
 
-Entry point for the orchestrator (`export/build.py`)::
-
-    entry = export_onnx(checkpoint, writer, context=4096, max_prefill_chunk=512, text_only=False)
-    writer.manifest.setdefault("backends", {})["onnx"] = entry
-
-* `checkpoint`: a quantized checkpoint directory (has `quant_manifest.json`, from `quantize_checkpoint`; any recipe,
-  including `fp32`) or a plain Hugging Face float checkpoint (exported in float32). The quantization is read from the
-  checkpoint's manifest, never guessed.
-* `writer`: an `ArtifactWriter`; files go under `onnx/` (`embedder.onnx`, `decoder.onnx`, `vision.onnx`,
-  `audio.onnx`, each with its `<name>.onnx.data` external-data file). ple.bin and the tokenizer are the orchestrator's.
-* returns the manifest entry of the "onnx" backend (JSON-able)::
+Entry point for the orchestrator (`export/build.py`): `export_backend(job) -> manifest entry`::
 
     {"files": {"embedder": "onnx/embedder.onnx", "decoder": ..., "vision": ... | None, "audio": ... | None},
      "context": T, "max_prefill_chunk": C, "hidden_size": H, "vocab_size": V, "ple": {"num_layers": L, "dim": P},
@@ -21,34 +11,26 @@ Entry point for the orchestrator (`export/build.py`)::
      "quantization": {"matmul": "MatMulNBits", "accuracy_level": 4, "tensors": {hf_name: scheme label or "float"}},
      "opset": 18, "audio": {"frame_multiple": 48, "max_frames": 3024} | None}
 
+The checkpoint is a quantized checkpoint (`quant_manifest.json`, any recipe, `fp32` included) or a plain Hugging Face
+float checkpoint (exported in float32); the quantization is read from the checkpoint's manifest, never guessed.
+
 Graphs (all batch 1):
   embedder.onnx  ids [S] int64 -> embeds [S, H] = table[ids] * sqrt(H). Float: Gather. Quantized: ORT's
                  `GatherBlockQuantized` over the checkpoint's integers (int4: qdata as is, block G; int8: `q ^ 0x80`,
                  block `int8_block_size(H)`, row scale repeated), then Mul by sqrt(H) rounded to float32 as eager does.
-  decoder.onnx   `export/onnx_graphs.CachedDecoder`: inputs_embeds [1,S,H], ple_rows [1,S,L,P] (raw PLE rows),
-                 positions [S], the old caches -> logits [1,V] of the last position and the new K/V [1,nkv,S,hd].
-                 One graph, S dynamic (1..max_prefill_chunk): prefill and decode share the prepacked weights.
-                 The tied LM head is MatMulNBits over the same integers as the embedder's table.
+  decoder.onnx   the one decoder swapped for ONNX (`swaps.py`, `graphs.CachedDecoder`): inputs_embeds [1,S,H],
+                 ple_rows [1,S,L,P] (raw PLE rows), positions [S], the old caches -> logits [1,V] of the last position
+                 and the new K/V [1,nkv,S,hd]. One graph, S dynamic (1..max_prefill_chunk): prefill and decode share
+                 the prepacked weights. The tied LM head is MatMulNBits over the same integers as the embedder's table.
   vision.onnx    pixel_values [Np, 3p^2], position_ids [Np, 2] -> soft tokens [Np/k^2, H], valid [Np/k^2].
   audio.onnx     features [T, 128], mask [T] -> soft tokens [T/4, H], valid [T/4]; T a multiple of 48 frames (the
                  manifest's `audio.frame_multiple`): the runtime pads with masked frames (`audio_frame_layout`).
 
-Quantized linears are `export/onnx_ops.QuantLinear` (MatMulNBits, accuracy_level=4), built straight from the stored
-codes and scales: the model is built on the meta device and only the quantized buffers and the float tensors the
+Quantized linears are `ops.QuantLinear` (MatMulNBits, accuracy_level=4), built straight from the stored codes and
+scales by the shared loader (`export/common.load_export_model`): only the quantized buffers and the float tensors the
 graphs use are materialised; the PLE table is never read and the float decoder of a full-size model never exists.
-The embedding table is read once for the embedder graph and once for the head (both integer; the two graphs each
-hold a copy on disk, and ORT prepacks the head anyway). fp32 exports keep plain float32 weights.
-
-Memory (full-size targets: E2B int4 <= 8 GB, E4B <= 12 GB peak RSS): what is resident during export is the
-quantized buffers (E2B int4: ~1.2 GB of linears + ~0.45 GB int8 head), the embedder's table (~0.45 GB, written and
-freed first), and the exporter's graph; the float decoder is never built. Not yet measured on a full-size checkpoint.
-
-Fidelity measured by tests/test_onnx.py (trained default model, 256 held-out tokens, teacher-forced, eager model over
-the same integers with accuracy_level=4 activation rounding emulated bit for bit, `onnx_ops.emulate_activation_quant`):
-int8, both runtimes fed the same history: top-1 100 %, median |logit diff| 3e-6, 99th percentile 0.032, max 0.072;
-each with its own caches: top-1 99.6 %, median 0.021, max 0.072. The residue comes from activations that land on an
-int8 rounding boundary in one runtime and not the other (ORT vs torch kernels differ by an ulp elsewhere); a flip then
-persists through the caches. fp32: < 2e-5.
+The text weights are dropped once decoder.onnx is written, before the towers are traced. fp32 exports keep plain
+float32 weights. Fidelity against the eager model over the same integers: `tests/test_onnx.py`.
 """
 
 from __future__ import annotations
@@ -56,7 +38,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,22 +45,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_gemma.artifact import ArtifactWriter
-from edge_gemma.config import ModelConfig, load_config
-
+from edge_gemma.config import ModelConfig
 from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel, Scheme
 
-from .onnx_graphs import AudioGraph, CachedDecoder, VisionGraph, cache_names
-from .onnx_ops import ACCURACY_LEVEL, QuantLinear, TRANSLATION_TABLE, int8_block_size
+from ..common import AudioGraph, ExportModel, VisionGraph, load_export_model
+from .graphs import CachedDecoder, cache_names
+from .ops import ACCURACY_LEVEL, TRANSLATION_TABLE, QuantLinear, int8_block_size
 
-__all__ = ["OnnxExportError", "ExportModel", "audio_frame_layout", "export_onnx", "load_export_model",
-           "write_audio_graph", "write_embedder", "EMBED", "OPSET"]
+__all__ = ["OPSET", "OnnxExportError", "OnnxLinears", "audio_frame_layout", "export_backend", "export_onnx",
+           "load_onnx_model", "write_audio_graph", "write_embedder"]
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-EMBED = "language_model.embed_tokens.weight"
-PLE = "language_model.embed_tokens_per_layer.weight"
 DEFAULT_PREFILL_CHUNK = 512
 
 
@@ -87,124 +65,30 @@ class OnnxExportError(ValueError):
     """The checkpoint cannot be exported to ONNX as asked; the message names the tensor or setting."""
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Loading without a float model
-# --------------------------------------------------------------------------------------------------------------------
+class OnnxLinears:
+    """How the ONNX graphs hold the checkpoint's weights: `QuantLinear` (MatMulNBits) over the stored integers;
+    `emulate=True` makes them round activations as ORT's accuracy_level=4 kernel does (an eager reference)."""
 
+    def __init__(self, *, emulate: bool = False):
+        self.emulate = emulate
 
-@dataclass
-class ExportModel:
-    """The eager model prepared for export: quantized linears swapped in, tables left on the meta device."""
+    def linear(self, scheme, stored, shape, bias, name):
+        return QuantLinear(scheme, stored, shape, bias, emulate=self.emulate)
 
-    cfg: ModelConfig
-    model: nn.Module  # Gemma4Model
-    head: nn.Module  # [.., H] -> [.., V] raw logits (tied to the embedding)
-    embed_stored: dict[str, np.ndarray]  # the embedding table's stored arrays ({"tensor"} when float)
-    embed_scheme: Scheme | None
-    schemes: dict[str, str]  # HF name -> scheme label or "float", every tensor used by a graph
-
-
-def _quant_checkpoint(path: Path):
-    from edge_gemma.quantize.load import QuantizedCheckpoint
-    from edge_gemma.quantize.stream import MANIFEST_FILENAME
-
-    return QuantizedCheckpoint(path) if (path / MANIFEST_FILENAME).is_file() else None
-
-
-def load_export_model(checkpoint: str | Path, *, text_only: bool = False, emulate: bool = False) -> ExportModel:
-    """Build `Gemma4Model` for export from a quantized checkpoint (or a float HF checkpoint).
-
-    Every `nn.Linear` whose weight the checkpoint stores quantized becomes a `QuantLinear` over the stored integers;
-    every float tensor is loaded as float32; the two embedding tables stay on the meta device (the embedder graph and
-    the head read the embedding's stored arrays directly; the PLE table lives in ple.bin). `emulate=True` makes the
-    quantized linears round activations like ORT's accuracy_level=4 kernel (an eager reference for tests)."""
-    from edge_gemma.checkpoint import params_on_meta, hf_name, load_model
-    from edge_gemma.model.gemma4 import Gemma4Model
-
-    path = Path(checkpoint)
-    qc = _quant_checkpoint(path)
-    if qc is None:  # a float Hugging Face checkpoint: plain float32 export
-        model = load_model(path, text_only=text_only, mmap_embeddings=True)
-        w = model.language_model.embed_tokens.weight
-        head = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # weight set below
-        head.weight = nn.Parameter(w.float().contiguous(), requires_grad=False)
-        layout = load_config(path).model_type
-        names = {hf_name(n, layout) or n: "float" for n in model.state_dict() if n != PLE}
-        return ExportModel(cfg=model.cfg, model=model, head=head, embed_stored={"tensor": w.float().numpy()},
-                           embed_scheme=None, schemes=names)
-
-    with qc:
-        cfg = load_config(path)
-        layout = cfg.model_type
-        if text_only:
-            cfg = cfg.text_only()
-        with params_on_meta():
-            model = Gemma4Model(cfg)
-        schemes: dict[str, str] = {}
-
-        def hf(ours: str) -> str:
-            name = hf_name(ours, layout)
-            if name is None or name not in qc.manifest["tensors"]:
-                raise OnnxExportError(f"{path}: the quantized checkpoint has no tensor for {ours!r} ({name!r})")
-            return name
-
-        # 1. swap quantized linears
-        for mod_name, mod in list(model.named_modules()):
-            for child_name, child in list(mod.named_children()):
-                if not isinstance(child, nn.Linear):
-                    continue
-                full = f"{mod_name}.{child_name}" if mod_name else child_name
-                name = hf(full + ".weight")
-                scheme = qc.schemes[name]
-                if scheme is None:
-                    continue
-                bias = None
-                if child.bias is not None:
-                    bias = torch.from_numpy(np.asarray(qc.stored(hf(full + ".bias"))["tensor"], dtype=np.float32))
-                shape = tuple(qc.entry(name)["shape"])
-                setattr(mod, child_name, QuantLinear(scheme, qc.stored(name), shape, bias, emulate=emulate))
-                schemes[name] = scheme.label
-
-        # 2. float tensors (parameters, and persistent buffers such as layer_scalar and clip bounds)
-        quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        skipped = {k for k in model.state_dict() if k in (EMBED, PLE) or k.rpartition(".")[0] in quantized}
-        state = {}
-        for ours, target in model.state_dict().items():
-            if ours in skipped:
-                continue
-            name = hf(ours)
-            if qc.schemes[name] is not None:
-                raise OnnxExportError(f"{path}: tensor {name!r} is quantized ({qc.schemes[name].label}) but "
-                                      f"{ours!r} is not a linear weight the ONNX exporter can quantize")
-            arr = np.asarray(qc.stored(name)["tensor"], dtype=np.float32)
-            if tuple(arr.shape) != tuple(target.shape):
-                raise OnnxExportError(f"{path}: tensor {name!r} has shape {list(arr.shape)}, expected "
-                                      f"{list(target.shape)}")
-            state[ours] = torch.from_numpy(arr)
-            schemes[name] = "float"
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        if set(missing) - skipped or unexpected:
-            raise OnnxExportError(f"{path}: could not load {sorted(set(missing) - skipped)[:5]} / unexpected "
-                                  f"{unexpected[:5]}")
-
-        # 3. the embedding table: integers (or float) for the embedder graph and the tied head
-        emb_name = hf(EMBED)
-        emb_scheme = qc.schemes[emb_name]
-        emb_stored = qc.stored(emb_name)
-        shape = tuple(qc.entry(emb_name)["shape"])
-        schemes[emb_name] = "float" if emb_scheme is None else emb_scheme.label
-        if emb_scheme is None:
+    def head(self, scheme, stored, shape, name):
+        if scheme is None:
             head = nn.Linear(shape[1], shape[0], bias=False, device="meta")  # weight set below
-            head.weight = nn.Parameter(torch.from_numpy(np.asarray(emb_stored["tensor"], np.float32)),
-                                       requires_grad=False)
-        else:
-            if isinstance(emb_scheme, Int4GroupAsym) or not isinstance(emb_scheme, (Int4Group, Int8PerChannel)):
-                raise OnnxExportError(f"{path}: embedding {emb_name!r} uses {emb_scheme.label}; the ONNX embedder "
-                                      "supports int4 (symmetric) and int8 tables")
-            head = QuantLinear(emb_scheme, emb_stored, shape, emulate=emulate)
-        model.eval().requires_grad_(False)
-        return ExportModel(cfg=cfg, model=model, head=head, embed_stored=emb_stored, embed_scheme=emb_scheme,
-                           schemes=schemes)
+            head.weight = nn.Parameter(torch.from_numpy(stored["tensor"]), requires_grad=False)
+            return head
+        if isinstance(scheme, Int4GroupAsym) or not isinstance(scheme, (Int4Group, Int8PerChannel)):
+            raise OnnxExportError(f"embedding {name!r} uses {scheme.label}; the ONNX embedder supports int4 "
+                                  "(symmetric) and int8 tables")
+        return QuantLinear(scheme, stored, shape, emulate=self.emulate)
+
+
+def load_onnx_model(checkpoint: str | Path, *, text_only: bool = False, emulate: bool = False) -> ExportModel:
+    """The export model with ONNX's linears (see `OnnxLinears`)."""
+    return load_export_model(checkpoint, OnnxLinears(emulate=emulate), text_only=text_only)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -256,8 +140,9 @@ def _torch_export(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_n
 
     `pre_export=True` captures the graph with a plain `torch.export.export` first and hands the ExportedProgram to
     the ONNX exporter. Why: the ONNX exporter's own capture runs with `backed_size_oblivious` and deferred runtime
-    asserts, and on the full-size audio tower (12 conformer layers) its symbolic-shape reasoning never finished
-    (> 20 min in sympy's value-range analysis); the plain capture of the same module takes ~1 min."""
+    asserts, and on the full-size audio tower (12 conformer layers) its symbolic-shape reasoning (sympy's value-range
+    analysis) grows with every layer and does not finish; the plain capture of the same module is quick (figures:
+    benchmarks/README.md)."""
     import time
     import warnings
 
@@ -305,24 +190,37 @@ def write_audio_graph(em: ExportModel, path: Path) -> dict[str, int]:
     return layout
 
 
-def export_onnx(checkpoint: str | Path, writer: ArtifactWriter, *, context: int,
-                max_prefill_chunk: int = DEFAULT_PREFILL_CHUNK, text_only: bool = False) -> dict[str, Any]:
-    """Write onnx/*.onnx into `writer` and return the "onnx" backend's manifest entry (see the module docstring)."""
+def export_backend(job) -> dict[str, Any]:
+    """`export/build.py`'s hook: write `<artifact>/onnx/` from `job.checkpoint`."""
+    return export_onnx(job.checkpoint, job.out_dir, context=job.context, max_prefill_chunk=job.max_prefill_chunk,
+                       text_only=job.text_only, rel_prefix=job.folder)
+
+
+def export_onnx(checkpoint: str | Path, out_dir: str | Path, *, context: int,
+                max_prefill_chunk: int = DEFAULT_PREFILL_CHUNK, text_only: bool = False,
+                rel_prefix: str = "onnx") -> dict[str, Any]:
+    """Write `out_dir/*.onnx` and return the "onnx" backend's manifest entry (see the module docstring); its paths are
+    relative to the artifact root, i.e. prefixed by `rel_prefix`."""
     if context < 2:
         raise OnnxExportError(f"context must be at least 2 positions, got {context}")
     chunk = max(2, min(int(max_prefill_chunk), context))
-    em = load_export_model(checkpoint, text_only=text_only)
+    em = load_onnx_model(checkpoint, text_only=text_only)
     cfg, text = em.cfg, em.cfg.text
-    files: dict[str, str | None] = {"embedder": "onnx/embedder.onnx", "decoder": "onnx/decoder.onnx",
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str | None] = {"embedder": f"{rel_prefix}/embedder.onnx", "decoder": f"{rel_prefix}/decoder.onnx",
                                     "vision": None, "audio": None}
 
+    def path(name: str) -> Path:
+        return out_dir / Path(files[name]).name
+
     log.info("onnx: embedder graph")
-    write_embedder(writer.path(files["embedder"]), hidden_size=text.hidden_size, scheme=em.embed_scheme,
+    write_embedder(path("embedder"), hidden_size=text.hidden_size, scheme=em.embed_scheme,
                    stored=em.embed_stored)
 
     log.info("onnx: decoder graph (context %d, prefill chunks up to %d)", context, chunk)
     lm = em.model.language_model
-    decoder = CachedDecoder(lm, em.head, context).eval()
+    decoder = CachedDecoder(lm, em.head).eval()
     L, P, H = text.num_hidden_layers, text.hidden_size_per_layer_input, text.hidden_size
     past_names, new_names = cache_names(text.cache_layers)
     S0 = min(3, chunk)
@@ -340,9 +238,9 @@ def export_onnx(checkpoint: str | Path, writer: ArtifactWriter, *, context: int,
     dyn = ({1: seq}, {1: seq}, {0: seq}, [{2: past_len}] * len(caches))  # *past is one pytree node
     in_names = ["inputs_embeds", "ple_rows", "positions", *past_names]
     out_names = ["logits", *new_names]
-    _torch_export(decoder, args, dyn, in_names, out_names, writer.path(files["decoder"]))
+    _torch_export(decoder, args, dyn, in_names, out_names, path("decoder"))
     # The text weights are written: drop them before the towers are traced, so that the text model's quantized
-    # buffers and the towers' float weights are never resident together (E2B: ~2 GB less at the export's peak).
+    # buffers and the towers' float weights are never resident together (this lowers the export's peak).
     del caches, args, decoder, lm
     em.model.language_model, em.head, em.embed_stored = None, None, {}
     gc.collect()
@@ -356,14 +254,14 @@ def export_onnx(checkpoint: str | Path, writer: ArtifactWriter, *, context: int,
         pos = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
         cells = torch.export.Dim("cells", min=1, max=4096)
         graph = VisionGraph(em.model.vision_tower, em.model.embed_vision).eval()
-        files["vision"] = "onnx/vision.onnx"
+        files["vision"] = f"{rel_prefix}/vision.onnx"
         _torch_export(graph, (torch.rand(side * side, 3 * v.patch_size**2), pos),
                       ({0: cells * k * k}, {0: cells * k * k}), ["pixel_values", "position_ids"],
-                      ["soft_tokens", "valid"], writer.path(files["vision"]), optimize=False)
+                      ["soft_tokens", "valid"], path("vision"), optimize=False)
     audio = None
     if cfg.audio is not None:
-        files["audio"] = "onnx/audio.onnx"
-        audio = write_audio_graph(em, writer.path(files["audio"]))
+        files["audio"] = f"{rel_prefix}/audio.onnx"
+        audio = write_audio_graph(em, path("audio"))
 
     return {
         "files": files,

@@ -14,7 +14,7 @@ MatMulNBits inputs as buffers, made from the checkpoint's stored arrays by a pur
   Why MatMulNBits and not DequantizeLinear + MatMul: ORT would constant-fold the dequantization into a float weight
   (4x the memory), and MatMulInteger needs the activations quantized per tensor by the graph. With
   `accuracy_level=4` MatMulNBits quantizes the activations to int8 per block of `block_size` inside its kernel
-  (platform notes: 8-bit MatMulNBits is ~20x slower without it).
+  (8-bit MatMulNBits has no fast kernel without it).
 
 The torch side is a custom op `edge_gemma::matmul_nbits` whose eager implementation dequantizes and matmuls (optionally
 emulating accuracy_level=4's activation quantization, `emulate_activation_quant`, bit-for-bit the same rounding as
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel, Scheme
+from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel, Scheme, matmul_nbits_arrays
 
 __all__ = [
     "ACCURACY_LEVEL", "QuantLinear", "TRANSLATION_TABLE", "emulate_activation_quant", "int8_block_size",
@@ -46,10 +46,9 @@ def int8_block_size(k: int) -> int:
     The row scale is the same for every block, so the block size only sets how MatMulNBits(accuracy_level=4)
     quantizes the activations (one int8 scale per block of K). 32, the int4 linears' group, rather than 128: one
     activation code that lands on the other side of a rounding boundary (ORT's and torch's float kernels differ by
-    an ulp) moves the logits by its block's step, and with blocks of 128 that reached 0.064-0.072 on the embedded
-    model against the emulated eager model; with 32 the largest difference over three 256-token windows is
-    0.033-0.047 (issue 5 asks for 0.05; 64 gives 0.050-0.051, 16 no better than 32). The price: the int8 tied head
-    of E2B (262144 x 1536, alone, 2 threads, M=1) takes 15.4 ms instead of 13.3 ms per decode step (~2.5 %)."""
+    an ulp) moves the logits by its block's step; with blocks of 128 the embedded model's logits exceed issue 5's 0.05
+    bound against the emulated eager model, with 32 they stay within it, and 16 is no better than 32. The price: a
+    slightly slower int8 tied head per decode step (figures: benchmarks/README.md)."""
     bs = INT8_MAX_BLOCK
     while bs >= 16:
         if k % bs == 0:
@@ -60,25 +59,11 @@ def int8_block_size(k: int) -> int:
 
 def matmulnbits_arrays(scheme: Scheme, stored: dict[str, np.ndarray], shape: tuple[int, int]) -> dict[str, object]:
     """Stored checkpoint arrays -> MatMulNBits inputs and attributes (`b`, `scales`, `zeros` or None, `bits`,
-    `block_size`). Pure re-arrangement of the same integers; scales stay the bf16-exact float32 values."""
-    n, k = shape
-    if isinstance(scheme, Int4Group):  # includes Int4GroupAsym
-        g = scheme.group_size
-        b = np.ascontiguousarray(stored["qdata"], dtype=np.uint8).reshape(n, k // g, g // 2)
-        scales = np.ascontiguousarray(stored["scales"], dtype=np.float32).reshape(-1)
-        zeros = None
-        if isinstance(scheme, Int4GroupAsym):
-            zeros = np.ascontiguousarray(stored["zeros"], dtype=np.uint8).reshape(-1)
-        return {"b": b, "scales": scales, "zeros": zeros, "bits": 4, "block_size": g}
-    if isinstance(scheme, Int8PerChannel):
-        bs = int8_block_size(k)
-        q = np.asarray(stored["qdata"])
-        if q.dtype != np.int8 or q.shape != (n, k):
-            raise ValueError(f"int8 weight: qdata is {q.dtype} {q.shape}, expected int8 {(n, k)}")
-        b = (q.view(np.uint8) ^ np.uint8(0x80)).reshape(n, k // bs, bs)
-        scales = np.repeat(np.asarray(stored["scales"], dtype=np.float32).reshape(n, 1), k // bs, axis=1).reshape(-1)
-        return {"b": b, "scales": scales, "zeros": None, "bits": 8, "block_size": bs}
-    raise ValueError(f"scheme {scheme.label} has no MatMulNBits form")
+    `block_size`): `quantize.schemes.matmul_nbits_arrays` (the numpy reference) with this exporter's int8 block."""
+    arr = matmul_nbits_arrays(scheme, stored, shape,
+                              int8_block_size=int8_block_size(shape[1]) if isinstance(scheme, Int8PerChannel) else None)
+    return {"b": arr["B"], "scales": arr["scales"], "zeros": arr.get("zero_points"), "bits": arr["bits"],
+            "block_size": arr["block_size"]}
 
 
 def stored_from_matmulnbits(scheme: Scheme, b: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
@@ -157,8 +142,8 @@ def _(x, b, scales, zeros, n, k, bits, block_size, emulate):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma 4 RMSNorm in float32, `x * (mean(x^2) + eps)^-0.5 * weight` (the eager `RMSNorm`'s exact math); exported
     as ONE `SimplifiedLayerNormalization` node. Why: eager's `pow(ms + eps, -0.5)` becomes Pow/ReduceMean/Add/Pow/Mul
-    in ONNX, which ONNX Runtime's SimplifiedLayerNorm fusion does not match (it wants Sqrt + Div), so every norm ran
-    as five unfused kernels (~2 % of a decode step over the ~10 norms per layer)."""
+    in ONNX, which ONNX Runtime's SimplifiedLayerNorm fusion does not match (it wants Sqrt + Div), so every norm
+    would run as five unfused kernels, several norms per layer and call."""
     h = x.float()
     return (h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5) * weight.float()).to(x.dtype)
 

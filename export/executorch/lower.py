@@ -25,8 +25,8 @@ decode share `lm.` because they share the tensors), and const-propagated constan
 
 Partitioners: `XnnpackDynamicallyQuantizedPartitioner` (the 8da4w / 8da8w linears) then `XnnpackPartitioner`. With
 `precise=True` (what the exporter uses) XNNPACK's transcendental kernels (gelu, tanh, exp, softmax, sin/cos, pow,
-rsqrt, ...) are left to the portable kernels: XNNPACK's approximations moved the tiny model's fp32 logits by ~3e-3
-(precise: ~1e-5) and its int4 logits by a median 0.024 against the emulated eager model (precise: 3e-6).
+rsqrt, ...) are left to the portable kernels: XNNPACK's approximations move the logits (fp32, and int4 against the
+emulated eager model) by orders of magnitude more than the precise program does (figures: benchmarks/README.md).
 
 Lowering a full-size model: seven patches of ExecuTorch's lowering, each a context manager below, active only inside
 `lower_program`: `_short_provenance` (provenance chains copied by every pass), `_one_sort_per_program` (one
@@ -35,12 +35,11 @@ count), `_share_weights_in_preprocess` (the per-partition copies handed to XNNPA
 `_spill_serialized_constants` (one copy of each serialized constant for all methods, the large ones in a temporary
 file instead of memory until the `.ptd` is written), `_serialize_each_weight_once` (a quantized weight shared by
 prefill and decode is serialized once and its int8 codes freed right then), `_compact_dependency_views` (the
-partitioners' transitive-dependency sets as bitmasks: quadratic memory, 170x less) and
+partitioners' transitive-dependency sets as bitmasks instead of Python sets: still quadratic, far smaller) and
 `_release_weights_after_each_pass` (what only XNNPACK delegates still hold is freed after each partitioner pass). The
 modules handed to `lower_program` are consumed.
-Full-size E2B, int4, text methods: the lowering did not finish in 25-32 minutes at 11.4-11.8 GiB before the first
-three; with them the whole export took 16 minutes at 7.49 GiB peak RSS (`benchmarks/README.md`, which also has the
-figures for the later ones).
+Without the first three, the lowering of the full-size E2B does not finish; what each patch saves in time and peak
+memory is in `benchmarks/README.md` ("ExecuTorch at full size").
 """
 
 from __future__ import annotations
@@ -99,7 +98,7 @@ def _one_sort_per_program():
     `legalize_graph`: a topological sort that copies EVERY node of the method into a new graph, then
     `GraphModule.recompile()`, which generates and compiles the Python code of the whole method. A decoder layer has
     several cut points (the KV-cache update is not delegated; with `precise` every transcendental op is one too), so
-    lowering was quadratic in the layer count: py-spy on the full-size E2B showed most of 25+ minutes there.
+    lowering was quadratic in the layer count: at full size py-spy showed most of the lowering time there.
 
     Here the partitions are cut with `skip_legalize_graph=True` and the top-level module's recompilation is
     deferred; after the last cut, one stable topological sort (torch.fx's own `fuse_by_partitions` also sorts once,
@@ -142,8 +141,8 @@ def _share_weights_in_preprocess():
     """Hand XNNPACK's preprocessing a copy of each partition that SHARES the weight tensors.
 
     `lower_all_submodules_to_backend` deep-copies every partition of every method (weights included) before the
-    backend preprocesses it, all at once: a whole second copy of the model's weights per method. On the full-size E2B
-    (prefill and decode share their weights) that was +5 GB of the 11 GiB peak. XNNPACK's preprocessing reads the
+    backend preprocesses it, all at once: a whole second copy of the model's weights per method (prefill and decode
+    share their weights, so at full size that is a large part of the lowering's peak). XNNPACK's preprocessing reads the
     constants and serializes converted copies; it never writes to them, so the copy keeps the graph and the state-dict
     mapping independent but memoizes the tensors (what ExecuTorch's own CUDA backend does in its low-memory mode)."""
     import copy
@@ -362,8 +361,8 @@ def _compact_dependency_views():
 
     Both precompute every node's transitive downstream nodes as a set (ExecuTorch's also the upstream ones, unused),
     and a group partitioner builds both its own and its base class's: on the full-size models this was the largest
-    part of the lowering peak above the weights (phase profile: +0.3-0.8 GB per partitioner pass for E2B, a ~4 GB
-    spike for E4B). The callers only iterate over the sets or test membership, which `_NodeSet` answers the same."""
+    part of the lowering peak above the weights, growing with every partitioner pass (figures: benchmarks/README.md).
+    The callers only iterate over the sets or test membership, which `_NodeSet` answers the same."""
     from executorch.exir.backend.canonical_partitioners import group_partitioner
     from torch.fx.passes.infra import partitioner
 
@@ -427,7 +426,7 @@ def _check_freed_weights_unused(manager, freed: dict[int, torch.Tensor]) -> None
             for name, t in values.items():
                 if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata in freed:
                     raise RuntimeError(f"ExecuTorch lowering: method {method!r} uses {name!r} outside XNNPACK, but its "
-                                       "integers were freed once XNNPACK serialized them (export/executorch_lower.py)")
+                                       "integers were freed once XNNPACK serialized them (export/executorch/lower.py)")
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ thinking flags), an HF `tokenizer.json` whose vocabulary equals the model's, a P
 (`embedder` / `per_layer_embedder`, one token per call: "Input tensor bytes must be 4" otherwise).
 
 Multimodal checkpoints add LiteRT-LM's encoder sections (VISION_ENCODER + VISION_ADAPTER, AUDIO_ENCODER_HW +
-AUDIO_ADAPTER; contract in export/litert_graphs.py) and the Gemma 4 image settings (patch size, the patch budget
+AUDIO_ADAPTER; contract in export/litert/graphs.py) and the Gemma 4 image settings (patch size, the patch budget
 and the pooling kernel, which LiteRT-LM's Gemma4DataProcessor uses to resize and patchify images itself). LiteRT-LM
 computes the audio log-mel itself (its default Gemma 4 audio preprocessor); we keep `skip_mel_spectrogram_extraction`
 false so the encoder takes log-mel frames, like ours.
@@ -85,7 +85,7 @@ def convert_lm_towers(model, config: ModelConfig, work_dir: Path, convert, *, vi
     vision and audio encoders in float32 by default); the same weights as our runtime's vision.tflite/audio.tflite."""
     import torch
 
-    from .litert_graphs import LmAudioAdapter, LmAudioEncoder, LmVisionAdapter, LmVisionEncoder
+    from .graphs import LmAudioAdapter, LmAudioEncoder, LmVisionAdapter, LmVisionEncoder
 
     out: dict[str, Path] = {}
     if vision_patches and model.vision_tower is not None:
