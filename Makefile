@@ -13,7 +13,7 @@ BACKENDS ?=
 OUT ?=
 CONTEXT ?= 4096
 
-.PHONY: setup test demo verify quantize export run bench bench-onnx pi-install pi-emulate android-bundle clean-venv
+.PHONY: setup test test-fast demo verify quantize export run bench bench-onnx bench-peers pi-install pi-emulate android-bundle clean-venv
 
 setup: $(STAMP)
 
@@ -25,7 +25,11 @@ $(STAMP): pyproject.toml scripts/setup.sh
 # Two workers (the machines have 2 cores; the tests run torch on one thread each); each test module runs whole on one
 # worker, so its session fixtures and on-disk caches are built once. PYTEST_ARGS="-n 0" runs serially.
 test: setup
-	$(PY) -m pytest -q --durations=25 -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=25 -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# The fast tier: the unit tests (marker `unit`, tests/conftest.py), no export; about a minute after `make setup`.
+test-fast: setup
+	$(PY) -m pytest -q -rs -m unit -n 0 $(PYTEST_ARGS)
 
 # The README's main command: the main job on the embedded default model. Exports it (int4, every implemented
 # backend, fidelity checked) to artifacts/default-int4/, then answers a prompt from the artifact, streamed.
@@ -57,6 +61,13 @@ bench: setup
 # int4 ONNX export (text graphs: the audio graph's export does not finish at full size yet), timed, then RUNS x bench.
 bench-onnx: setup
 	$(PY) benchmarks/bench_onnx.py --checkpoint $(or $(CHECKPOINT),$(error pass CHECKPOINT=<checkpoint dir>)) --artifact $(or $(OUT),artifacts/$(notdir $(CHECKPOINT))-$(QUANT)) --quant $(QUANT) --context $(CONTEXT) --threads 2 --prompt-tokens 512 --new-tokens 128 --runs $(or $(RUNS),3) --no-check --text-only $(BENCH_ARGS)
+
+# make bench-peers [CHECKPOINT=dir] [RUNTIMES=llama.cpp-q4_0,ours/onnx,...] [ROUNDS=3]
+# llama.cpp and our backends side by side on one checkpoint (default: the synthetic full-size E2B), interleaved,
+# medians of fresh processes; builds and caches everything under .cache/peers/ (hours and tens of GB the first time).
+# Writes benchmarks/results/peers-e2b-int4.{json,md,png}. Not part of `make test`.
+bench-peers: setup
+	$(PY) benchmarks/peers/run.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(RUNTIMES),--runtimes $(RUNTIMES)) --rounds $(or $(ROUNDS),3)
 
 # make pi-install [PI_EXTRAS=onnx,listen|litert,listen]: on a Raspberry Pi 5 (Raspberry Pi OS Bookworm 64-bit, Python
 # 3.11). Installs the runtime only (numpy, tokenizers, one backend; no torch) into .venv-pi.

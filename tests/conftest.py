@@ -106,5 +106,36 @@ def embedded_litert_int8_artifact(tmp_path_factory, embedded_int8_checkpoint) ->
 _FIRST = ("test_executorch_e2e.py",)
 
 
+# The fast tier (`make test-fast`, `-m unit`): modules that export nothing and build no model beyond the tiny ones.
+UNIT_MODULES = ("test_config.py", "test_sampling.py", "test_budget.py", "test_ple.py", "test_chat.py",
+                "test_quant_schemes.py", "test_artifact.py", "test_processors_no_torch.py", "test_tokenizer.py",
+                "test_export_common.py", "test_suite_honesty.py", "test_fidelity_math.py")
+
+# What the suite imports. Under CI a module that fails to import is an error at collection, not a silent skip.
+SUITE_DEPENDENCIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "executorch", "torchao",
+                      "litert_torch", "ai_edge_litert", "litert_lm", "peft", "soundfile", "soxr", "sentencepiece",
+                      "tokenizers", "safetensors", "matplotlib")
+
+
+def pytest_configure(config):
+    import importlib
+    import os
+
+    if os.environ.get("CI", "").strip().lower() not in ("1", "true", "yes") or hasattr(config, "workerinput"):
+        return
+    broken = []
+    for name in SUITE_DEPENDENCIES:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any failure to import is reported by name
+            broken.append(f"{name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})")
+    if broken:
+        raise pytest.UsageError("CI=true: the test suite's dependencies must import, and these do not: "
+                                + "; ".join(broken))
+
+
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: 0 if item.path.name in _FIRST else 1)  # stable: the rest keep their order
+    for item in items:
+        if item.path.name in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)
