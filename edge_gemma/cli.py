@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # subcommand -> (module, one-line help)
@@ -21,12 +22,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edge-gemma")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     # Parse the command name first so that only its module is imported.
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in argv)  # accepted before or after the subcommand
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
     names = [a for a in argv if not a.startswith("-")]
     parser = argparse.ArgumentParser(prog="edge-gemma")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr (anywhere on "
+                        "the command line)")
+    parser.add_argument("--version", action="version", version=f"edge-gemma {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -34,13 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         if names and names[0] == name:
             importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
+    args.verbose = verbose
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(args._module)
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed by the reader (`edge-gemma run ... | head`): end quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         if args.verbose:
             raise

@@ -101,3 +101,26 @@ def test_bench_needs_a_variant_for_a_budget_on_the_embedded_model():
     assert m.returncode == 0, m.stderr
     measured = json.loads(m.stdout)["measured"]
     assert measured["prompt_tokens"] == 12 and measured["new_tokens"] == 3 and measured["backend"] == "eager"
+
+
+def test_version_and_verbose_anywhere():
+    from importlib.metadata import version
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"edge-gemma {version('edge-gemma')}"
+    r = cli("run", "default", "-v", "--context", "16", "--prompt", "word " * 40)  # -v after the subcommand
+    assert r.returncode != 0 and "unrecognized arguments" not in r.stderr
+
+
+def test_closed_stdout_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "edge_gemma.cli", "run", "default", "--context", "256", "--prompt",
+           "Return the absolute value.", "--max-new-tokens", "24"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the answer comes, as with `| head -c 0`
+    err = p.stderr.read().decode()
+    p.wait(timeout=600)
+    assert p.returncode == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
