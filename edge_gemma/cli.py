@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+from .quiet import silence_libraries
+
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("edge_gemma.verify", "compare our model with the transformers reference on a checkpoint"),
@@ -49,23 +51,31 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
     args.verbose = verbose
+    captured = None if verbose else silence_libraries()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(args._module)
+    code = 1
     try:
         code = int(module.run(args) or 0)
         sys.stdout.flush()
         return code
     except KeyboardInterrupt:
+        code = 130
         print("interrupted", file=sys.stderr)
-        return 130
+        return code
     except BrokenPipeError:  # stdout closed by the reader (`edge-gemma run ... | head`): end quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
-        return 141
+        code = 141
+        return code
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         if args.verbose:
             raise
+        code = 2
         print(f"edge-gemma {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return code
+    finally:
+        if captured is not None and code not in (0, 141):
+            captured.replay()  # what other libraries said may explain the failure
 
 
 if __name__ == "__main__":

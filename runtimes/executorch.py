@@ -17,8 +17,11 @@ Quantized programs need ExecuTorch's quantized kernels registered (`embedding_by
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import sys
 
 import numpy as np
 
@@ -29,6 +32,23 @@ from .base import Backend, BackendError, Capabilities, check_step_inputs
 __all__ = ["ExecutorchBackend"]
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _runtime_log_captured():
+    """ExecuTorch's runtime logs (`ET_LOG`: cpuinfo probing, thread pool size) come through Python's `sys.stderr`.
+    While the `executorch` logger is quieted (the CLI without `-v`) they are held back, and written out only if the
+    block fails."""
+    if logging.getLogger("executorch").getEffectiveLevel() <= logging.WARNING:
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
 
 
 class ExecutorchBackend(Backend):
@@ -58,13 +78,14 @@ class ExecutorchBackend(Backend):
                 raise ArtifactError(f"{artifact.root}: manifest backends.executorch is malformed (no files.{role})")
         pte, ptd = artifact.path(files["program"]), artifact.path(files["data"])
         self.threads = int(threads) if threads else (os.cpu_count() or 1)
-        try:
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        with _runtime_log_captured():
+            try:
+                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
-            _unsafe_reset_threadpool(self.threads)
-        except (ImportError, RuntimeError) as exc:  # not fatal: XNNPACK keeps its default pool
-            log.warning("executorch: could not set the thread pool to %d threads (%s)", self.threads, exc)
-        self._program = Runtime.get().load_program(str(pte), data_path=str(ptd))
+                _unsafe_reset_threadpool(self.threads)
+            except (ImportError, RuntimeError) as exc:  # not fatal: XNNPACK keeps its default pool
+                log.warning("executorch: could not set the thread pool to %d threads (%s)", self.threads, exc)
+            self._program = Runtime.get().load_program(str(pte), data_path=str(ptd))
         available = set(self._program.method_names)
         wanted = {"embed", "prefill", "decode"} | {m for m in ("vision", "audio") if methods.get(m)}
         if not wanted <= available:

@@ -13,7 +13,9 @@ image and computes the audio log-mel itself.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,17 @@ def _litert_lm():
     except ImportError:
         raise BackendError("the litert-lm backend needs Google's LiteRT-LM wheel: pip install litert-lm-api") from None
     return litert_lm
+
+
+def _cache_dir(bundle: Path) -> Path:
+    """Where LiteRT-LM keeps its XNNPACK weight cache for `bundle`: a per-user cache (`$XDG_CACHE_HOME/edge-gemma/
+    litert-lm/`), keyed by the bundle's path, size and mtime; never the artifact's own folder, whose files its
+    manifest lists and checksums."""
+    st = bundle.stat()
+    key = hashlib.sha256(f"{bundle.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-gemma" / "litert-lm" / key
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 class LitertLmEngine:
@@ -55,6 +68,7 @@ class LitertLmEngine:
         n = int(threads or 2)
         try:
             self.engine = lm.Engine(str(self.path), lm.Backend.CPU(thread_count=n),
+                                    cache_dir=str(_cache_dir(self.path)),
                                     vision_backend=lm.Backend.CPU() if self.vision else None,
                                     audio_backend=lm.Backend.CPU(thread_count=n) if self.audio else None)
         except RuntimeError as exc:

@@ -146,6 +146,24 @@ def test_text_only_artifact_has_no_encoders_and_says_so(text_only):
     assert "fidelity on held-out text" in r.stdout
 
 
+def test_export_and_run_leave_stderr_to_us(text_only):
+    """Other libraries stay quiet without -v (torch, torchao, the TFLite converter's absl lines, ai-edge-quantizer's
+    bars, ExecuTorch's runtime logs): with --no-progress the export's stderr is empty, and so is `run`'s on every
+    backend of the artifact; with -v their output is let through."""
+    out, r = text_only
+    assert r.stderr == "", r.stderr[-3000:]
+    backends = json.loads((out / "manifest.json").read_text())["backends"]
+    runs = [b for b in ("onnx", "litert") if b in backends] + (["litert-lm"] if "litert" in backends else [])
+    for backend in runs:
+        run = cli("run", str(out), "--prompt", "Hello", "--backend", backend, "--max-new-tokens", "4")
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stderr == "", (backend, run.stderr[-3000:])
+        assert run.stdout.strip()
+    # running wrote nothing into the artifact (LiteRT-LM's XNNPACK cache goes to the user's cache folder)
+    listed = {f["path"] for f in json.loads((out / "manifest.json").read_text())["files"]} | {"manifest.json"}
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == listed
+
+
 def test_text_only_litert_has_no_encoders_and_says_so(text_only):
     """--text-only is honoured by the LiteRT exporter too: no vision/audio models, no encoder sections in the bundle."""
     pytest.importorskip("ai_edge_litert")

@@ -19,7 +19,9 @@ PLE table (2.35 GB of int8 for E2B) never passes through float32 nor through the
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -90,12 +92,11 @@ def quantize_tflite(src: Path, dst: Path, *, bits: int, block: int | None, lm_he
             rm.add_quantization_config(regex=re.escape(name), operation_name=qtyping.TFLOperationName.FULLY_CONNECTED,
                                        op_config=config(head_bits, None),
                                        algorithm_key=algorithm_manager.AlgorithmName.MIN_MAX_UNIFORM_QUANT)
-    import contextlib
-    import io
-
     chatter = io.StringIO()  # the quantizer prints its size summary to stdout, which belongs to our CLI
     with contextlib.redirect_stdout(chatter):
-        result = quantizer.Quantizer(src.read_bytes(), rm.get_quantization_recipe()).quantize()
+        with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bars (not every one honours enable_progress_bar)
+            result = quantizer.Quantizer(src.read_bytes(), rm.get_quantization_recipe()).quantize(
+                enable_progress_bar=False)
     log.debug("ai-edge-quantizer on %s: %s", src.name, chatter.getvalue().strip())
     tmp = dst.with_name(dst.name + ".tmp")
     tmp.write_bytes(bytes(result.quantized_model))

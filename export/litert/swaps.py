@@ -62,12 +62,12 @@ class InputMasks(nn.Module):
         self.window, self.context = window, context
 
     def bind(self, mask: torch.Tensor) -> None:
-        self.mask = mask
+        self.bound = (mask,)  # in a tuple: a tensor attribute assigned while tracing makes torch.export warn
 
     def forward(self, positions: torch.Tensor, input_pos: torch.Tensor) -> dict[bool, torch.Tensor]:
         q = input_pos[:, None]  # (S, 1) int32
         k = torch.arange(self.context, dtype=torch.int32)[None, :]  # (1, T)
-        given = self.mask[:, 0]  # (1, S, T)
+        given = self.bound[0][:, 0]  # (1, S, T)
         in_window = visible(q, k, self.window, causal=False)[None]  # (1, S, T)
         return {False: given, True: torch.where(in_window, given, torch.full_like(given, MASK_MIN))}
 
