@@ -124,3 +124,12 @@ def test_closed_stdout_pipe_ends_quietly():
     p.wait(timeout=600)
     assert p.returncode == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+@pytest.mark.parametrize("flag,value,says", [("--threads", "-1", ">= 1"), ("--temperature", "nan", "not a finite"),
+                                              ("--top-p", "0", "> 0"), ("--max-new-tokens", "0", ">= 1"),
+                                              ("--temperature", "-0.5", ">= 0")])
+def test_out_of_range_numbers_are_refused_at_parse_time(flag, value, says):
+    r = cli("run", "default", "--prompt", "hi", flag, value)
+    assert r.returncode == 2 and f"argument {flag}" in r.stderr and says in r.stderr
+    assert r.stdout == ""

@@ -10,26 +10,47 @@ from typing import Any
 DEFAULT_EAGER_CONTEXT = 2048
 
 
+def _number(kind: type, *, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse `type` that parses `kind`, refuses NaN/inf, and checks the range at parse time."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high:g}")
+        return value
+    return parse
+
+
+positive_int = _number(int, low=1)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", help="artifact directory (from `edge-gemma export`); a checkpoint directory or "
                                          "'default' runs the eager reference model instead (needs torch)")
     parser.add_argument("--backend", choices=["onnx", "executorch", "litert", "litert-lm", "eager"], default=None,
                         help="runtime (default: the first of onnx, litert, executorch that the artifact holds and "
                              "that is installed)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the backend (>= 1)")
     parser.add_argument("--image-tokens", type=int, default=280, choices=[70, 140, 280, 560, 1120],
                         help="soft-token budget of each image (default 280)")
-    parser.add_argument("--context", type=int, default=DEFAULT_EAGER_CONTEXT,
+    parser.add_argument("--context", type=positive_int, default=DEFAULT_EAGER_CONTEXT,
                         help=f"context of the eager model on a checkpoint (default {DEFAULT_EAGER_CONTEXT}); an "
                              "artifact has its own")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int = 256) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=_number(float, low=0.0), default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=_number(int, low=0), default=0, help="0 = off")
+    parser.add_argument("--top-p", type=_number(float, low=0.0, high=1.0, low_open=True), default=1.0,
+                        help="in (0, 1]; 1 = off")
+    parser.add_argument("--repetition-penalty", type=_number(float, low=0.0, low_open=True), default=1.0)
     parser.add_argument("--seed", type=int, default=None)
 
 
