@@ -381,8 +381,11 @@ def write_synthetic_checkpoint(
     try:
         if text_only:
             (tmp / "config.json").write_text(json.dumps(_text_only_config(raw), indent=2) + "\n", encoding="utf-8")
-        else:  # the config file itself, byte for byte
+        elif "architectures" in raw:  # the config file itself, byte for byte
             shutil.copyfile(config_file, tmp / "config.json")
+        else:  # as `save_pretrained` writes it: converters (llama.cpp's) dispatch on `architectures`
+            full = {"architectures": ["Gemma4ForConditionalGeneration"], **raw}
+            (tmp / "config.json").write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         gen = _generation_config(cfg, raw, preset)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
         bar = None
