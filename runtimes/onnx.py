@@ -11,9 +11,9 @@ of what they hold, then a re-bind) when a call would write past their end. Atten
 position p instead of all `context` (all 4096 slots were a large share of a prefill chunk even at position 0;
 figures: benchmarks/README.md), and cache memory follows the conversation's length.
 
-Session options: `intra_op_num_threads` = `threads` (default: all cores), one inter-op thread, and spinning off
-(`session.intra_op.allow_spinning = 0`) when running on 2 threads or fewer, where a spinning worker steals the core the
-caller needs. External data (the weights) is memory-mapped by ONNX Runtime; MatMulNBits prepacks its weights once per
+Session options: `intra_op_num_threads` = `threads` (default: all cores), one inter-op thread, and ORT's default
+spinning of idle intra-op workers (on an otherwise idle machine it makes decode steps, many short kernels, faster;
+turning it off helps only when another process competes for the cores: benchmarks/README.md). External data (the weights) is memory-mapped by ONNX Runtime; MatMulNBits prepacks its weights once per
 session, which is why prefill and decode share ONE decoder session. The vision and audio sessions open on the first
 image / audio clip, so a text-only run does not hold their weights. `ORT_ENABLE_ALL` keeps ORT's fusions (MatMulNBits
 stays as exported: its `accuracy_level=4` int8-activation kernels are the fast CPU path).
@@ -62,8 +62,6 @@ class OnnxBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # warnings about unfoldable CastLike nodes are noise
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads <= 2:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._opts = opts
 
         def session(key: str):
