@@ -15,9 +15,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO  # noqa: E402
 EXPORT_ARGS = ["--quant", "int4", "--backends", "onnx", "--context", "128", "--prefill-chunk", "32",
                "--fidelity-tokens", "24", "--no-progress"]
 _CACHE: dict[str, object] = {}

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import lzma
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 # The test models are tiny: one intra-op thread is ~20x faster than two on a shared 2-core machine.
 try:
@@ -19,7 +16,7 @@ try:
 except ImportError:  # the runtime-side tests run without torch
     pass
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO  # noqa: E402
 
 
 @pytest.fixture(scope="session")

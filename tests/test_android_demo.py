@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 import wave
 import zipfile
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO  # noqa: E402
 DEMO = REPO / "android_demo"
 CORE = DEMO / "core"
 APP = DEMO / "app"
@@ -39,7 +38,6 @@ JUNIT_CP = ["/usr/share/java/junit4.jar", "/usr/share/java/hamcrest-core.jar"]
 FRAMEWORK_RES = Path("/usr/share/android-framework-res/framework-res.apk")
 CACHE = REPO / ".cache" / "android_demo"
 
-sys.path.insert(0, str(REPO / "scripts"))
 import android_bundle  # noqa: E402
 
 from edge_gemma.artifact import ArtifactWriter, sha256_file  # noqa: E402

@@ -14,13 +14,11 @@ import json
 import math
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT = REPO / "edge_gemma" / "data" / "default"
+from paths import DEFAULT, REPO  # noqa: E402
 SCRIPT = REPO / "scripts" / "train_default_model.py"
 FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
          "chat_template.jinja", "TRAINING.md", "training_report.json")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from edge_gemma.paths import DEFAULT_CHECKPOINT
 from edge_gemma.runtimes.base import Backend
 from edge_gemma.runtimes.engine import ContextOverflowError, GenerationOptions
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO  # noqa: E402
 NEW = 8
 
 

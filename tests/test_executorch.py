@@ -25,8 +25,7 @@ from edge_gemma.export.executorch.model import load_et_model, stored_from_intx  
 from edge_gemma.quantize.load import QuantizedCheckpoint  # noqa: E402
 from edge_gemma.quantize.stream import quantize_checkpoint  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT = REPO / "edge_gemma" / "data" / "default"
+from paths import DEFAULT, REPO  # noqa: E402
 HELDOUT = REPO / "edge_gemma" / "data" / "fidelity_heldout.txt"
 CONTEXT_FP32, CHUNK = 96, 16
 CONTEXT_Q, N_TOKENS = 264, 256

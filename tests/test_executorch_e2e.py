@@ -42,8 +42,7 @@ from edge_gemma.quantize.stream import quantize_checkpoint  # noqa: E402
 from edge_gemma.runtimes.base import BackendError  # noqa: E402
 from edge_gemma.runtimes.executorch import ExecutorchBackend  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT = REPO / "edge_gemma" / "data" / "default"
+from paths import DEFAULT, REPO  # noqa: E402
 HELDOUT = REPO / "edge_gemma" / "data" / "fidelity_heldout.txt"
 CONTEXT_FP32, CHUNK = 256, 16
 CONTEXT_Q, N_TOKENS = 264, 256

@@ -23,8 +23,7 @@ from edge_gemma.export.common import ExportModelError, load_export_model, replac
 from edge_gemma.export.onnx import OnnxLinears  # noqa: E402
 from edge_gemma.model.attention import GroupedSDPA  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT = REPO / "edge_gemma" / "data" / "default"
+from paths import DEFAULT  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -41,8 +41,7 @@ from edge_gemma.runtimes.litert import LitertBackend  # noqa: E402
 from edge_gemma.runtimes.litert_lm import LitertLmEngine, open_backend  # noqa: E402
 from edge_gemma.tokenizer import Tokenizer  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT = REPO / "edge_gemma" / "data" / "default"
+from paths import DEFAULT, REPO  # noqa: E402
 HELDOUT = REPO / "edge_gemma" / "data" / "fidelity_heldout.txt"
 from conftest import LITERT_CHUNK as CHUNK, LITERT_CONTEXT as CONTEXT  # noqa: E402
 

@@ -33,8 +33,7 @@ from edge_gemma.artifact import Artifact  # noqa: E402
 from edge_gemma.runtimes.engine import GenerationOptions  # noqa: E402
 from edge_gemma.runtimes.litert_lm import LitertLmEngine  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT = REPO / "edge_gemma" / "data" / "default"
+from paths import DEFAULT  # noqa: E402
 from conftest import LITERT_CHUNK as CHUNK, LITERT_CONTEXT as CONTEXT  # noqa: E402  (512: a 768x768 image is 256 soft tokens)
 NEW = 24
 STOPS = ("<eos>", "<turn|>")

@@ -10,7 +10,6 @@ hand-built patch grid, log-mel features from `Gemma4AudioFeatureExtractor`).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from edge_gemma.model.vision import VisionEncoder
 transformers = pytest.importorskip("transformers")
 
 PATCH_DIM = 3 * 16 * 16
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO  # noqa: E402
 
 
 def _reference(perturbed: bool, eager: bool = True):

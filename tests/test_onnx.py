@@ -38,8 +38,7 @@ from edge_gemma.runtimes import onnx as onnx_runtime  # noqa: E402
 from edge_gemma.runtimes.base import BackendError  # noqa: E402
 from edge_gemma.runtimes.onnx import OnnxBackend  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT = REPO / "edge_gemma" / "data" / "default"
+from paths import DEFAULT, REPO  # noqa: E402
 HELDOUT = REPO / "edge_gemma" / "data" / "fidelity_heldout.txt"
 CONTEXT_FP32, CHUNK = 64, 8
 CONTEXT_Q, N_TOKENS = 264, 256

@@ -21,7 +21,7 @@ import pytest
 
 from artifact_builder import cli, cli_env
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO  # noqa: E402
 PROMPT = "What does json.dumps do?"
 RUN_ARGS = ["--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "16", "--stats"]
 BLOCKED = ("torch", "transformers", "torchvision", "torchaudio", "torchao", "executorch")

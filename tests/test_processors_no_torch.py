@@ -7,9 +7,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO  # noqa: E402
 MODULES = ["tokenizer", "chat", "audio", "image", "processor"]
 
 SCRIPT = r"""

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from edge_gemma.quantize.recipes import RECIPES, Override, Recipe, RecipeError, classify, get_recipe
 from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from edge_gemma.quantize.safetensors_io import CheckpointFormatError, Safetensor
 from edge_gemma.quantize.schemes import relative_error
 from edge_gemma.quantize.stream import QuantizeError, quantize_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 Q_PROJ = "model.language_model.layers.0.self_attn.q_proj.weight"
 
 

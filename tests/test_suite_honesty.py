@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO  # noqa: E402
 
 
 def _collect(tmp_path: Path, ci: str) -> subprocess.CompletedProcess:

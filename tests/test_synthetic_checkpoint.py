@@ -21,7 +21,7 @@ from edge_gemma.config import load_config
 
 import tiny
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO  # noqa: E402
 _SCRIPT = REPO / "benchmarks" / "make_synthetic_checkpoint.py"
 _spec = importlib.util.spec_from_file_location("make_synthetic_checkpoint", _SCRIPT)
 msc = importlib.util.module_from_spec(_spec)
