@@ -73,6 +73,10 @@ class ArtifactWriter:
         self.out = Path(out).resolve()
         if self.out.exists() and not force:
             raise ArtifactError(f"{self.out}: already exists; pass --force to replace it")
+        if self.out.exists() and not _replaceable(self.out):
+            raise ArtifactError(f"{self.out}: --force replaces only an artifact (manifest.json), a quantized checkpoint "
+                                "(quant_manifest.json) or an empty folder; this is none of them, so nothing was "
+                                "touched: choose another --out or remove it yourself")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.force = force
         _remove_stale_temporaries(self.out)
@@ -141,6 +145,13 @@ class ArtifactWriter:
         self._committed = True
         log.info("wrote artifact %s (%d files)", self.out, len(files))
         return self.out
+
+
+def _replaceable(out: Path) -> bool:
+    """Whether `--force` may replace `out`: a folder that is ours (an artifact or a quantized checkpoint) or empty."""
+    if not out.is_dir() or out.is_symlink():
+        return False
+    return (out / "manifest.json").is_file() or (out / "quant_manifest.json").is_file() or not any(out.iterdir())
 
 
 def _remove_stale_temporaries(out: Path) -> None:

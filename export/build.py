@@ -394,6 +394,12 @@ def build_artifact(
                           f"{config.text.max_position_embeddings} ({ckpt / 'config.json'})")
     max_prefill_chunk = max(1, min(max_prefill_chunk, context))
     out = Path(out)
+    src, dst = ckpt.resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        where = ("the checkpoint itself" if dst == src else "inside the checkpoint" if src in dst.parents
+                 else "a folder that holds the checkpoint")
+        raise ExportError(f"--out {out} is {where} ({ckpt}); the artifact must go elsewhere (replacing it would "
+                          "delete the checkpoint)")
     _check_tokenizer(ckpt)
     with ArtifactWriter(out, force=force) as writer:
         ref_ids = ref_logits = None

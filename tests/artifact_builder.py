@@ -2,7 +2,8 @@
 checks the atomicity and `--force` rules (an export costs about a minute on 2 shared cores, so the kill test and
 the final export share it):
 
-1. OUT exists (a folder with a marker file): export without --force is refused, the marker is untouched.
+1. OUT exists (a previous artifact: a manifest.json and a marker file): export without --force is refused, the
+   marker is untouched.
 2. export --force is SIGKILLed right after its first graph file appears in the temporary directory: OUT still holds
    the old content, the temporary directory is left behind (the process had no chance to clean up).
 3. export --force again: succeeds, replaces OUT, and removes the killed run's temporary directory.
@@ -38,6 +39,7 @@ def build_once(tmp_path_factory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("export")
     out = root / "default-int4"
     out.mkdir()
+    (out / "manifest.json").write_text("{}")  # a previous artifact (ours: --force may replace it)
     (out / "old.txt").write_text("the previous artifact")
 
     refused = cli("export", "default", "--out", str(out), *EXPORT_ARGS)

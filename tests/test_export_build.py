@@ -40,11 +40,29 @@ def test_existing_out_is_refused_without_force(built):
 def test_a_killed_export_leaves_out_untouched_and_the_next_run_succeeds(built, artifact):
     killed = built["after_kill"]
     assert killed["first_graph"] is not None, "the export never wrote a graph file"
-    assert killed["out_files"] == ["old.txt"]  # OUT still the previous content, nothing half-written in it
+    assert killed["out_files"] == ["manifest.json", "old.txt"]  # OUT still the previous artifact, nothing half-written
     assert len(killed["temporaries"]) == 1  # the killed run's temporary directory was left behind...
     assert built["temporaries_after"] == []  # ...and the next export removed it
     assert not (artifact / "old.txt").exists()  # --force replaced OUT
     assert (artifact / "manifest.json").is_file()
+
+
+def test_force_never_replaces_the_source_or_a_folder_that_is_not_ours(tmp_path):
+    """`export SRC --out SRC --force` used to delete the checkpoint; `--force` on a folder holding other files
+    deleted them. Both are refused before anything is written, and the folders are left as they were."""
+    src = tmp_path / "ckpt"
+    shutil.copytree(REPO / "edge_gemma" / "data" / "default", src)
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, src / "artifact", tmp_path):
+        r = cli("export", str(src), "--out", str(out), "--force", "--backends", "onnx", "--no-check")
+        assert r.returncode == 2 and "delete the checkpoint" in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in src.iterdir()) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("not an artifact")
+    r = cli("export", "default", "--out", str(mine), "--force", "--backends", "onnx", "--no-check")
+    assert r.returncode == 2 and "replaces only an artifact" in r.stderr, r.stderr[-2000:]
+    assert (mine / "thesis.tex").read_text() == "not an artifact"
 
 
 # ------------------------------------------------------------------------------------------------ manifest
