@@ -13,7 +13,7 @@ BACKENDS ?=
 OUT ?=
 CONTEXT ?= 4096
 
-.PHONY: setup test test-fast demo verify quantize export run bench bench-onnx bench-peers pi-install pi-emulate android-bundle clean-venv
+.PHONY: setup test test-fast demo verify quantize export run bench bench-load bench-onnx bench-peers pi-install pi-emulate android-bundle clean-venv
 
 setup: $(STAMP)
 
@@ -54,7 +54,12 @@ verify: setup
 quantize: setup
 	$(VENV)/bin/edge-gemma quantize $(if $(CHECKPOINT),$(CHECKPOINT),default) --recipe $(QUANT) --out $(if $(OUT),$(OUT),artifacts/$(if $(CHECKPOINT),$(notdir $(CHECKPOINT)),default)-$(QUANT)-quantized)
 
+# make bench [ARTIFACT=artifacts/default-int4] [BACKEND=onnx]: `edge-gemma bench` on an artifact (by default the one
+# `make demo` writes); `make bench-load`: load time and memory of a full-size checkpoint's decoder.
 bench: setup
+	$(VENV)/bin/edge-gemma bench $(ARTIFACT) $(if $(BACKEND),--backend $(BACKEND)) --ignore-eos
+
+bench-load: setup
 	$(PY) benchmarks/bench_load.py
 
 # make bench-onnx CHECKPOINT=/work/synthetic/e2b [OUT=dir] [RUNS=3] [BENCH_ARGS="--profile"]
