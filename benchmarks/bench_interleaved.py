@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[label].append({k: m[k] for k in KEYS})
             print(f"round {rnd + 1} {label}: prefill {m['prefill_tok_s']:.1f} tok/s, decode {m['decode_tok_s']:.2f} "
                   f"tok/s, TTFT {m['ttft_s']:.2f} s, peak RSS {m['peak_rss_mb'] / 1024:.2f} GiB", flush=True)
-    print(f"\n| run | prefill tok/s | decode tok/s | TTFT s | peak RSS GiB |\n|---|---|---|---|---|")
+    print("\n| run | prefill tok/s | decode tok/s | TTFT s | peak RSS GiB |\n|---|---|---|---|---|")
     summary = {}
     for label, rs in runs.items():
         cells, summary[label] = [], {}

@@ -13,7 +13,6 @@ placeholders that its converter quantizes and that are then overwritten with our
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -27,8 +26,6 @@ from edge_gemma.quantize.schemes import Scheme
 
 __all__ = ["EMBED", "PLE", "AudioGraph", "ExportModel", "ExportModelError", "LinearHead", "Linears", "VisionGraph",
            "load_export_model", "replace_modules"]
-
-log = logging.getLogger(__name__)
 
 EMBED = "language_model.embed_tokens.weight"
 PLE = "language_model.embed_tokens_per_layer.weight"
@@ -90,7 +87,8 @@ def load_export_model(checkpoint: str | Path, linears: Linears, *, text_only: bo
     from edge_gemma.quantize.stream import MANIFEST_FILENAME
 
     path = Path(checkpoint)
-    layout = load_config(path).model_type
+    cfg = load_config(path)
+    layout = cfg.model_type
     if not (path / MANIFEST_FILENAME).is_file():  # a float Hugging Face checkpoint: exported in float32
         model = load_model(path, text_only=text_only, mmap_embeddings=True)
         lm = model.language_model
@@ -103,7 +101,6 @@ def load_export_model(checkpoint: str | Path, linears: Linears, *, text_only: bo
                            schemes=schemes)
 
     with QuantizedCheckpoint(path) as qc:
-        cfg = load_config(path)
         if text_only:
             cfg = cfg.text_only()
         with params_on_meta():
