@@ -60,8 +60,10 @@ def make_data() -> None:
 
 
 def quality_table(*, act_quant: str = "per-token", damp: float = 0.01, act_order: bool = False, seq_len: int = 256,
-                  eval_sequences: int = 24, calib_sequences: int = 32, checkpoint: Path | None = None) -> dict:
-    """fp32 / int8 / int4 RTN / int4 GPTQ on the held-out text; returns name -> ModelQuality as a dict."""
+                  eval_sequences: int = 24, calib_sequences: int = 32, checkpoint: Path | None = None,
+                  extra_recipes: tuple[str, ...] = ()) -> dict:
+    """fp32 / int8 / int4 RTN / int4 GPTQ (and RTN of each of `extra_recipes`, e.g. int4-g128) on the held-out text;
+    returns name -> ModelQuality as a dict."""
     import torch
 
     from edge_gemma.checkpoint import load_model
@@ -83,7 +85,8 @@ def quality_table(*, act_quant: str = "per-token", damp: float = 0.01, act_order
     out: dict = {"eval_tokens": sum(int(b.numel()) - 1 for b in evaluation),
                  "calibration_tokens": sum(int(b.numel()) for b in calibration), "act_quant": act_quant}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {"int8": ("int8", "rtn"), "int4-rtn": ("int4", "rtn"), "int4-gptq": ("int4", "gptq")}
+        runs = {"int8": ("int8", "rtn"), "int4-rtn": ("int4", "rtn"), "int4-gptq": ("int4", "gptq"),
+                **{f"{r}-rtn": (r, "rtn") for r in extra_recipes}}
         for name, (recipe, algo) in runs.items():
             qdir = Path(tmp) / name
             t0 = time.perf_counter()
@@ -94,7 +97,7 @@ def quality_table(*, act_quant: str = "per-token", damp: float = 0.01, act_order
                                          progress=False)
             seconds = time.perf_counter() - t0
             quant = apply_quantized(load_model(src, text_only=True), qdir, layout=layout)
-            handles = activation_quant(quant, qdir, layout=layout, mode=act_quant) if recipe == "int4" else []
+            handles = activation_quant(quant, qdir, layout=layout, mode=act_quant) if recipe.startswith("int4") else []
             q = model_quality(reference, quant, evaluation)
             for h in handles:
                 h.remove()
@@ -108,8 +111,9 @@ def quality_table(*, act_quant: str = "per-token", damp: float = 0.01, act_order
 
 def markdown(r: dict) -> str:
     rows = [f"| fp32 (reference) | {r['fp32_ppl']:.3f} | — | — | — | — |"]
+    extra = [(name, f"{name[:-4]}, RTN") for name in r if name.endswith("-rtn") and name != "int4-rtn"]
     for name, label in (("int8", "int8 per-channel, RTN"), ("int4-rtn", "int4 g32, RTN"),
-                        ("int4-gptq", "int4 g32, GPTQ")):
+                        ("int4-gptq", "int4 g32, GPTQ"), *extra):
         q = r[name]
         rows.append(f"| {label} | {q['ppl_quant']:.3f} | {q['ppl_quant'] - r['fp32_ppl']:+.3f} | "
                     f"{q['kl_mean']:.5f} | {100 * q['top1_agreement']:.2f} % | {q['max_abs_logit_diff']:.3f} |")
@@ -126,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--calib-sequences", type=int, default=32)
     p.add_argument("--eval-sequences", type=int, default=24)
+    p.add_argument("--extra-recipes", nargs="*", default=[], metavar="RECIPE",
+                   help="also round-to-nearest with these recipes (e.g. int4-g64 int4-g128 int4-emb4)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.make_data:
@@ -133,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     r = quality_table(act_quant=args.act_quant, damp=args.damp, act_order=args.act_order,
-                      calib_sequences=args.calib_sequences, eval_sequences=args.eval_sequences)
+                      calib_sequences=args.calib_sequences, eval_sequences=args.eval_sequences,
+                      extra_recipes=tuple(args.extra_recipes))
     print(json.dumps(r, indent=1) if args.json else markdown(r))
     print(f"eval tokens {r['eval_tokens']}, calibration tokens {r['calibration_tokens']}, act quant {r['act_quant']}, "
           f"GPTQ/RTN ppl increase {r['gptq_over_rtn_ppl_increase']:.3f}, {time.perf_counter() - t0:.1f} s")

@@ -13,18 +13,23 @@ figures: benchmarks/README.md), and cache memory follows the conversation's leng
 
 Session options: `intra_op_num_threads` = `threads` (default: all cores), one inter-op thread, and ORT's default
 spinning of idle intra-op workers (on an otherwise idle machine it makes decode steps, many short kernels, faster;
-turning it off helps only when another process competes for the cores: benchmarks/README.md). External data (the weights) is memory-mapped by ONNX Runtime; MatMulNBits prepacks its weights once per
-session, which is why prefill and decode share ONE decoder session. The vision and audio sessions open on the first
-image / audio clip, so a text-only run does not hold their weights. `ORT_ENABLE_ALL` keeps ORT's fusions (MatMulNBits
-stays as exported: its `accuracy_level=4` int8-activation kernels are the fast CPU path).
+turning it off helps only when another process competes for the cores: benchmarks/README.md); no memory arena (it
+held more memory at the same speed). External data (the weights) is memory-mapped by ONNX Runtime; MatMulNBits
+prepacks its weights once per session, which is why prefill and decode share ONE decoder session, and the pages of the
+mapped data that prepacking read are given back after the decoder loads (`release_mapped_pages`). The vision and audio
+sessions open on the first image / audio clip, so a text-only run does not hold their weights. `ORT_ENABLE_ALL` keeps
+ORT's fusions (MatMulNBits stays as exported: its `accuracy_level=4` int8-activation kernels are the fast CPU path).
 
 No torch here.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,11 +38,48 @@ from edge_gemma.artifact import Artifact, ArtifactError
 
 from .base import Backend, BackendError, Capabilities, check_step_inputs
 
-__all__ = ["CACHE_BUCKET", "OnnxBackend"]
+__all__ = ["CACHE_BUCKET", "OnnxBackend", "release_mapped_pages"]
 
 log = logging.getLogger(__name__)
 
 CACHE_BUCKET = 64  # cache arrays grow by this many slots; a call reads (and masks) at most this many unused ones
+
+
+def release_mapped_pages(data_file: Path) -> int:
+    """Give back this process's resident pages of the mappings of `data_file` that hold only clean file pages
+    (`madvise(MADV_DONTNEED)`, Linux only); -> the bytes of mappings advised.
+
+    ONNX Runtime maps a graph's external data privately and, once MatMulNBits has prepacked a weight into its own
+    buffer, unmaps that weight, but it keeps the scales' pages mapped: prepacking read them (they are packed too),
+    nothing reads them again, and they stayed resident, ~0.27 GiB for the full-size E2B int4 decoder. A mapping whose
+    `/proc/self/smaps` entry counts no anonymous (written, copy-on-write) pages is an unmodified copy of the file, so
+    dropping its pages loses nothing: a later read, if any, pages them in again. Mappings with written pages are left
+    alone. Call it only while no session over `data_file` is loading or closing: the ranges come from smaps first,
+    and a range ORT unmapped in between could by then hold another allocation (tried during the load: a crash one
+    run in two)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        target = os.path.realpath(data_file)
+        ranges, current = [], None
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                head = line.split(maxsplit=5)
+                if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+                    match = len(head) == 6 and head[5].rstrip("\n") == target
+                    current = [int(x, 16) for x in head[0].split("-")] if match else None
+                elif current is not None and head[0] == "Anonymous:":
+                    if int(head[1]) == 0:
+                        ranges.append(current)
+                    current = None
+        if not ranges:
+            return 0
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return sum(end - start for start, end in ranges if libc.madvise(start, end - start, 4) == 0)  # MADV_DONTNEED
+    except (OSError, AttributeError, ValueError, IndexError) as e:  # no /proc or no libc symbol: keep the pages
+        log.debug("onnx: could not release the mapped pages of %s: %s", data_file, e)
+        return 0
 
 
 class OnnxBackend(Backend):
@@ -62,6 +104,7 @@ class OnnxBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # warnings about unfoldable CastLike nodes are noise
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.enable_cpu_mem_arena = False  # the arena kept ~85 MB more at the same speed (benchmarks/README.md)
         self._opts = opts
 
         def session(key: str):
@@ -73,6 +116,8 @@ class OnnxBackend(Backend):
 
         self._embedder = session("embedder")
         self._decoder = session("decoder")
+        if self._decoder is not None:  # after the load, never during it (see its docstring)
+            release_mapped_pages(artifact.path(files["decoder"]).with_name(Path(files["decoder"]).name + ".data"))
         if self._embedder is None or self._decoder is None:
             raise ArtifactError(f"{artifact.root}: backends.onnx lacks the embedder or decoder graph")
         # the towers' sessions open on first use: a text-only conversation never pays their prepacked weights

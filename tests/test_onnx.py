@@ -15,6 +15,8 @@ Each artifact is built once per session (session fixtures).
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +32,9 @@ from edge_gemma.artifact import Artifact, ArtifactWriter  # noqa: E402
 from edge_gemma.checkpoint import load_model  # noqa: E402
 from edge_gemma.export.common import LinearHead  # noqa: E402
 from edge_gemma.export.onnx import export_onnx, load_onnx_model, write_embedder  # noqa: E402
-from edge_gemma.export.onnx.ops import emulate_activation_quant, matmulnbits_arrays, stored_from_matmulnbits  # noqa: E402
+from edge_gemma.export.onnx.ops import (QuantLinear, emulate_activation_quant, matmulnbits_arrays,  # noqa: E402
+                                        stored_from_matmulnbits)
+from edge_gemma.export.onnx.swaps import HEAD_SLICE_ROWS, SlicedHead  # noqa: E402
 from edge_gemma.quantize.load import QuantizedCheckpoint  # noqa: E402
 from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel  # noqa: E402
 from edge_gemma.quantize.stream import quantize_checkpoint  # noqa: E402
@@ -288,6 +292,22 @@ def _hf_name(graph: str, init: str) -> str:
     raise AssertionError(f"{graph}: unexpected MatMulNBits initializer {init!r}")
 
 
+def _assert_same(qc, name: str, back: dict) -> None:
+    stored = qc.stored(name)
+    assert set(back) == set(stored)
+    for key in stored:
+        assert back[key].dtype == np.asarray(stored[key]).dtype, (name, key)
+        assert back[key].tobytes() == np.ascontiguousarray(stored[key]).tobytes(), (name, key)
+
+
+def _assert_stored(qc, name: str, nk: tuple[int, int], node, inits) -> None:
+    """One MatMulNBits node's initializers, read back, are `name`'s stored integers and scales byte for byte."""
+    scheme, shape = qc.schemes[name], tuple(qc.entry(name)["shape"])
+    assert nk == shape
+    zeros = inits[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+    _assert_same(qc, name, stored_from_matmulnbits(scheme, inits[node.input[1]], inits[node.input[2]], zeros, shape))
+
+
 @pytest.mark.parametrize("recipe", ["int4", "int8"])
 def test_weights_are_the_checkpoint_integers_bit_exact(recipe, quantized_default, request):
     artifact = request.getfixturevalue(f"{recipe}_artifact")
@@ -296,21 +316,30 @@ def test_weights_are_the_checkpoint_integers_bit_exact(recipe, quantized_default
     with QuantizedCheckpoint(quantized_default[recipe]) as qc:
         for graph in graphs:
             inits, model = _initializers(artifact.path(f"onnx/{graph}.onnx"))
+            head_parts = {}  # the sliced head (export/onnx/swaps.SlicedHead): part index -> (N, b, scales)
             for node in model.graph.node:
                 if node.op_type != "MatMulNBits":
                     continue
                 attrs = {a.name: a.i for a in node.attribute}
                 assert attrs["accuracy_level"] == 4
+                part = re.fullmatch(r"decoder\.lm_head\.linear\.parts\.(\d+)\.b", node.input[1])
+                if part:
+                    assert len(node.input) == 3
+                    head_parts[int(part[1])] = (attrs["N"], inits[node.input[1]], inits[node.input[2]])
+                    continue
                 name = _hf_name(graph, node.input[1])
+                _assert_stored(qc, name, (attrs["N"], attrs["K"]), node, inits)
+                seen.add(name)
+            if head_parts:  # its parts, in order, are the tied head's rows: concatenated, the table's integers
+                assert sorted(head_parts) == list(range(len(head_parts)))
+                parts = [head_parts[i] for i in range(len(head_parts))]
+                name = "model.language_model.embed_tokens.weight"
+                assert all(n == HEAD_SLICE_ROWS for n, _, _ in parts[:-1])
                 scheme, shape = qc.schemes[name], tuple(qc.entry(name)["shape"])
-                assert (attrs["N"], attrs["K"]) == shape
-                zeros = inits[node.input[3]] if len(node.input) > 3 and node.input[3] else None
-                back = stored_from_matmulnbits(scheme, inits[node.input[1]], inits[node.input[2]], zeros, shape)
-                stored = qc.stored(name)
-                assert set(back) == set(stored)
-                for key in stored:
-                    assert back[key].dtype == np.asarray(stored[key]).dtype, (name, key)
-                    assert back[key].tobytes() == np.ascontiguousarray(stored[key]).tobytes(), (name, key)
+                assert sum(n for n, _, _ in parts) == shape[0]
+                back = stored_from_matmulnbits(scheme, np.concatenate([b for _, b, _ in parts]),
+                                               np.concatenate([sc for _, _, sc in parts]), None, shape)
+                _assert_same(qc, name, back)
                 seen.add(name)
         prefixes = ["model.language_model."] + (["model.vision_tower.", "model.embed_vision.", "model.audio_tower.",
                                                  "model.embed_audio."] if len(graphs) == 3 else [])
@@ -369,6 +398,44 @@ def test_matmulnbits_node_computes_the_numpy_reference(scheme):
     back = stored_from_matmulnbits(scheme, arr["b"], arr["scales"], arr["zeros"], (n, k))
     for key in stored:
         assert back[key].tobytes() == np.ascontiguousarray(stored[key]).tobytes()
+
+
+@pytest.mark.parametrize("scheme", [Int4Group(group_size=32), Int4GroupAsym(group_size=32), Int8PerChannel()],
+                         ids=lambda s: s.label)
+def test_sliced_head_gives_the_one_node_head_logits_bit_for_bit(scheme):
+    """`SlicedHead` (one MatMulNBits per block of rows, then Concat) computes what one MatMulNBits over all rows
+    computes, bit for bit: its parts hold the head's rows (`QuantLinear.rows`), the last part shorter."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    n, k, rows = 100, 256, 32  # 32 + 32 + 32 + 4 rows
+    stored = scheme.encode(rng.standard_normal((n, k)).astype(np.float32) * 0.05)
+    head = QuantLinear(scheme, stored, (n, k))
+    sliced = SlicedHead(head, rows)
+    assert [p.out_features for p in sliced.parts] == [32, 32, 32, 4]
+
+    def session(parts):
+        nodes, inits, outs = [], [], []
+        for i, p in enumerate(parts):
+            names = [f"b{i}", f"s{i}"] + ([f"z{i}"] if p.zeros is not None else [])
+            inits += [numpy_helper.from_array(t.numpy(), nm) for nm, t in zip(names, (p.b, p.scales, p.zeros))]
+            nodes.append(helper.make_node("MatMulNBits", ["x", *names], [f"y{i}"], domain="com.microsoft", K=k,
+                                          N=p.out_features, bits=p.bits, block_size=p.block_size, accuracy_level=4))
+            outs.append(f"y{i}")
+        nodes.append(helper.make_node("Concat", outs, ["y"], axis=-1))
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], initializer=inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    x = (rng.standard_normal((300, k)) * rng.uniform(0.01, 10.0, (300, 1))).astype(np.float32)
+    one, many = session([head]), session(list(sliced.parts))
+    for batch in (x, x[:1], x[7:8]):  # the M > 1 and the M = 1 kernels
+        np.testing.assert_array_equal(many.run(None, {"x": batch})[0], one.run(None, {"x": batch})[0])
+    with torch.no_grad():  # the eager forward too (its own kernel, so within float noise of the one-node head)
+        torch.testing.assert_close(sliced(torch.from_numpy(x)), head(torch.from_numpy(x)), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", [None, Int4Group(group_size=32), Int8PerChannel()],
@@ -432,3 +499,46 @@ def test_backend_rejects_bad_calls_and_missing_backend(fp32_artifact, tmp_path):
 def test_runtime_module_does_not_import_torch():
     code = "import sys, edge_gemma.runtimes.onnx; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _resident_kib(path: Path) -> tuple[int, int]:
+    """(Rss, Anonymous) kB of this process's mappings of `path`, from /proc/self/smaps."""
+    target, rss, anon, match = os.path.realpath(path), 0, 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if "-" in head[0] and not head[0].endswith(":"):
+                match = len(head) == 6 and head[5].rstrip("\n") == target
+            elif match and head[0] in ("Rss:", "Anonymous:"):
+                rss, anon = (rss + int(head[1]), anon) if head[0] == "Rss:" else (rss, anon + int(head[1]))
+    return rss, anon
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+def test_release_mapped_pages_drops_clean_pages_and_keeps_written_ones(tmp_path):
+    """What `OnnxBackend` does to ONNX Runtime's private mappings of `decoder.onnx.data` after the load: clean
+    pages leave the RSS and read back the same bytes; a mapping holding a written (copy-on-write) page is untouched."""
+    import mmap
+
+    data = np.random.default_rng(0).integers(0, 256, 64 * mmap.PAGESIZE, dtype=np.uint8).tobytes()
+    clean_path, written_path = tmp_path / "clean.data", tmp_path / "written.data"
+    clean_path.write_bytes(data)
+    written_path.write_bytes(data)
+    with open(clean_path, "rb") as f1, open(written_path, "r+b") as f2:
+        clean = mmap.mmap(f1.fileno(), 0, access=mmap.ACCESS_COPY)  # MAP_PRIVATE, as ORT maps external data
+        written = mmap.mmap(f2.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            assert bytes(clean[:]) == data and bytes(written[:]) == data  # every page resident
+            written[5] = (data[5] + 1) % 256
+            assert _resident_kib(clean_path)[0] >= 64 * mmap.PAGESIZE // 1024
+            assert _resident_kib(written_path)[1] > 0
+
+            assert onnx_runtime.release_mapped_pages(clean_path) == len(data)
+            assert onnx_runtime.release_mapped_pages(written_path) == 0
+            assert _resident_kib(clean_path)[0] == 0
+            assert bytes(clean[:]) == data  # paged in again from the file
+            assert written[5] == (data[5] + 1) % 256 and bytes(written[6:]) == data[6:]
+            assert onnx_runtime.release_mapped_pages(tmp_path / "not-mapped.data") == 0
+        finally:
+            clean.close()
+            written.close()

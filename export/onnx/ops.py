@@ -239,6 +239,26 @@ class QuantLinear(nn.Module):
                                               self.in_features, self.bits, self.block_size, self.emulate)
         return y if self.bias is None else y + self.bias
 
+    def rows(self, start: int, stop: int) -> "QuantLinear":
+        """The linear over output rows `[start, stop)`: the same integers, scales and zero points, so its outputs are
+        those rows' outputs of this linear bit for bit (each output is one row's dot product)."""
+        if not 0 <= start < stop <= self.out_features:
+            raise ValueError(f"rows [{start}, {stop}) outside the {self.out_features} output rows")
+        part = QuantLinear.__new__(QuantLinear)
+        nn.Module.__init__(part)
+        part.scheme, part.in_features, part.out_features = self.scheme, self.in_features, stop - start
+        part.bits, part.block_size, part.emulate = self.bits, self.block_size, self.emulate
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:  # b [N, ...]; scales, zeros flat [N * per_row]
+            return None if t is None else t.reshape(self.out_features, -1)[start:stop].reshape(
+                (stop - start, *t.shape[1:]) if t.dim() > 1 else (-1,)).clone()
+
+        part.register_buffer("b", cut(self.b))
+        part.register_buffer("scales", cut(self.scales))
+        part.register_buffer("zeros", cut(self.zeros))
+        part.bias = None if self.bias is None else nn.Parameter(self.bias[start:stop].clone(), requires_grad=False)
+        return part
+
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.scheme.label}, MatMulNBits bits={self.bits} " \
                f"block={self.block_size}"

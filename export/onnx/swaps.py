@@ -12,6 +12,11 @@
 * `TwoBlockMasks`: the two blocks' masks, from positions (`visible`), once per step and layer kind.
 * `OnnxRMSNorm`: the same norm as one `SimplifiedLayerNormalization` node (`edge_gemma::rms_norm`), which ONNX
   Runtime runs as one kernel where the eager formula would be five.
+* `SlicedHead`: a quantized head of more than `HEAD_SLICE_ROWS` rows as one MatMulNBits per block of rows, then one
+  Concat: the same logits bit for bit. ONNX Runtime prepacks each MatMulNBits into a copy of its own and then unmaps
+  the original; one 262144-row node kept the whole table's original pages resident beside its packed copy while
+  loading, which was the load's (and so the run's) peak RSS. Blocks of rows bound that to one block's pages; decode
+  speed does not change (figures: benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ from edge_gemma.model.attention import GroupedSDPA, visible
 from edge_gemma.model.layers import RMSNorm
 
 from ..common import LinearHead, replace_modules
-from . import ops  # noqa: F401  (registers torch.ops.edge_gemma.rms_norm)
+from .ops import QuantLinear  # also registers torch.ops.edge_gemma.rms_norm / matmul_nbits
 
-__all__ = ["InputKVCache", "OnnxRMSNorm", "TwoBlockMasks", "TwoBlockSDPA", "replace_for_onnx"]
+__all__ = ["HEAD_SLICE_ROWS", "InputKVCache", "OnnxRMSNorm", "SlicedHead", "TwoBlockMasks", "TwoBlockSDPA",
+           "replace_for_onnx"]
+
+HEAD_SLICE_ROWS = 32768  # rows per MatMulNBits of a sliced head (the full-size vocabulary: 8 nodes)
 
 
 class OnnxRMSNorm(nn.Module):
@@ -90,6 +98,23 @@ class TwoBlockSDPA(nn.Module):
         return out.reshape(1, nh, s, hd).transpose(1, 2).reshape(1, s, nh * hd)
 
 
+class SlicedHead(nn.Module):
+    """`QuantLinear` head -> the same linear as consecutive row blocks of `rows` rows, outputs concatenated."""
+
+    def __init__(self, head: QuantLinear, rows: int = HEAD_SLICE_ROWS):
+        super().__init__()
+        n = head.out_features
+        self.parts = nn.ModuleList(head.rows(a, min(a + rows, n)) for a in range(0, n, rows))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(h) for part in self.parts], dim=-1)
+
+
+def sliced_head(head: nn.Module, rows: int = HEAD_SLICE_ROWS) -> nn.Module:
+    """`SlicedHead(head, rows)` for a quantized head of more than `rows` rows; any other head as it is."""
+    return SlicedHead(head, rows) if isinstance(head, QuantLinear) and head.out_features > rows else head
+
+
 def replace_for_onnx(decoder: nn.Module, head: nn.Module) -> list[InputKVCache]:
     """Swap `decoder`'s caches, attention kernels, masks, norms and head for the ONNX graph (see the module
     docstring); returns the caches in `cache_layers` order, to bind the graph's inputs into."""
@@ -100,5 +125,5 @@ def replace_for_onnx(decoder: nn.Module, head: nn.Module) -> list[InputKVCache]:
     replace_modules(decoder, GroupedSDPA, lambda _: TwoBlockSDPA())
     replace_modules(decoder, RMSNorm, OnnxRMSNorm)
     decoder.masks = TwoBlockMasks(decoder.cfg.sliding_window)
-    decoder.lm_head = LinearHead(head)
+    decoder.lm_head = LinearHead(sliced_head(head))
     return caches
