@@ -13,21 +13,33 @@ onnxruntime and LiteRT.
 
 Quantized programs need ExecuTorch's quantized kernels registered (`embedding_byte` / `embedding_4bit`):
 `import executorch.kernels.quantized` before loading.
+
+Memory: XNNPACK packs each delegated weight when a method loads; `prefill` and `decode` are separate methods over the
+same named weights, and without XNNPACK's weight cache each held a packed copy of its own (1.4 GB more for the
+full-size E2B int4). The cache (the XNNPACK backend option `weight_cache_enabled`, set before the program loads)
+packs each named weight once for all methods. ExecuTorch's Python bindings have no call for backend options, so it
+is set through the runtime library's exported `executorch::runtime::set_option` (`_enable_xnnpack_weight_cache`),
+and read back with `get_option`: if the read-back differs, the backend warns and runs without the cache. After a
+method loads, the pages of `model.ptd` that packing read are unlocked (ExecuTorch's loader locks what it maps) and
+given back (`memory.release_mapped_pages`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import logging
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from edge_gemma.artifact import Artifact, ArtifactError
 
 from .base import Backend, BackendError, Capabilities, check_step_inputs
+from .memory import release_mapped_pages
 
 __all__ = ["ExecutorchBackend"]
 
@@ -49,6 +61,40 @@ def _runtime_log_captured():
     except BaseException:
         sys.stderr.write(held.getvalue())
         raise
+
+
+class _BackendOption(ctypes.Structure):
+    """`executorch::runtime::BackendOption` (runtime/backend/options.h): `char key[64]` then
+    `std::variant<bool, int, std::array<char, 256>>` (256 bytes of storage, then the alternative's index)."""
+
+    _fields_ = [("key", ctypes.c_char * 64), ("storage", ctypes.c_uint8 * 256), ("index", ctypes.c_uint8),
+                ("_pad", ctypes.c_uint8 * 3)]
+
+
+def _enable_xnnpack_weight_cache(enabled: bool = True) -> bool:
+    """Turn the XNNPACK backend's weight cache on (or off) for the programs loaded from now on (process-wide); ->
+    whether the backend reads back that value. See the module docstring."""
+    try:
+        import executorch.extension.pybindings.portable_lib as portable
+
+        lib = ctypes.CDLL(str(Path(portable.__file__).resolve().parents[2] / "lib" / "libexecutorch.so"))
+        set_option = lib._ZN10executorch7runtime10set_optionEPKcNS0_4SpanINS0_13BackendOptionEEE
+        get_option = lib._ZN10executorch7runtime10get_optionEPKcNS0_4SpanINS0_13BackendOptionEEE
+    except (ImportError, OSError, AttributeError) as exc:
+        log.debug("executorch: no set_option to call (%s)", exc)
+        return False
+    for fn in (set_option, get_option):  # (const char* backend, Span<BackendOption> {data, size})
+        fn.argtypes = [ctypes.c_char_p, ctypes.POINTER(_BackendOption), ctypes.c_size_t]
+        fn.restype = ctypes.c_uint32  # executorch::runtime::Error; 0 is Ok
+    value = int(bool(enabled))
+    option = _BackendOption(key=b"weight_cache_enabled", index=0)  # the bool alternative
+    option.storage[0] = value
+    if set_option(b"XnnpackBackend", ctypes.byref(option), 1) != 0:
+        return False
+    back = _BackendOption(key=b"weight_cache_enabled")
+    back.index = 255  # not a valid alternative: get_option must overwrite it
+    back.storage[0] = 2  # neither false nor true: get_option must overwrite it
+    return get_option(b"XnnpackBackend", ctypes.byref(back), 1) == 0 and back.index == 0 and back.storage[0] == value
 
 
 class ExecutorchBackend(Backend):
@@ -85,7 +131,11 @@ class ExecutorchBackend(Backend):
                 _unsafe_reset_threadpool(self.threads)
             except (ImportError, RuntimeError) as exc:  # not fatal: XNNPACK keeps its default pool
                 log.warning("executorch: could not set the thread pool to %d threads (%s)", self.threads, exc)
+            if not _enable_xnnpack_weight_cache():
+                log.warning("executorch: could not turn on XNNPACK's weight cache; prefill and decode each hold "
+                            "their own packed copy of the weights")
             self._program = Runtime.get().load_program(str(pte), data_path=str(ptd))
+        self._ptd = ptd
         available = set(self._program.method_names)
         wanted = {"embed", "prefill", "decode"} | {m for m in ("vision", "audio") if methods.get(m)}
         if not wanted <= available:
@@ -95,6 +145,7 @@ class ExecutorchBackend(Backend):
         # memory, sized for the largest input its dynamic shapes allow).
         self._wanted = wanted
         self._methods = {m: self._program.load_method(m) for m in ("embed", "prefill", "decode")}
+        release_mapped_pages(ptd, unlock=True)
         if "reset" not in available:
             raise ArtifactError(f"{pte}: the program has no `reset` method (it zeroes the KV caches after loading; "
                                 "re-export the artifact)")
@@ -105,6 +156,7 @@ class ExecutorchBackend(Backend):
     def _run(self, method: str, *arrays: np.ndarray) -> list[np.ndarray]:
         if method not in self._methods:
             self._methods[method] = self._program.load_method(method)
+            release_mapped_pages(self._ptd, unlock=True)
         inputs = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         return [o.numpy() for o in self._methods[method].execute(inputs)]
 

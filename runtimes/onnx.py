@@ -25,10 +25,8 @@ No torch here.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,49 +35,13 @@ import numpy as np
 from edge_gemma.artifact import Artifact, ArtifactError
 
 from .base import Backend, BackendError, Capabilities, check_step_inputs
+from .memory import release_mapped_pages
 
-__all__ = ["CACHE_BUCKET", "OnnxBackend", "release_mapped_pages"]
+__all__ = ["CACHE_BUCKET", "OnnxBackend"]
 
 log = logging.getLogger(__name__)
 
 CACHE_BUCKET = 64  # cache arrays grow by this many slots; a call reads (and masks) at most this many unused ones
-
-
-def release_mapped_pages(data_file: Path) -> int:
-    """Give back this process's resident pages of the mappings of `data_file` that hold only clean file pages
-    (`madvise(MADV_DONTNEED)`, Linux only); -> the bytes of mappings advised.
-
-    ONNX Runtime maps a graph's external data privately and, once MatMulNBits has prepacked a weight into its own
-    buffer, unmaps that weight, but it keeps the scales' pages mapped: prepacking read them (they are packed too),
-    nothing reads them again, and they stayed resident, ~0.27 GiB for the full-size E2B int4 decoder. A mapping whose
-    `/proc/self/smaps` entry counts no anonymous (written, copy-on-write) pages is an unmodified copy of the file, so
-    dropping its pages loses nothing: a later read, if any, pages them in again. Mappings with written pages are left
-    alone. Call it only while no session over `data_file` is loading or closing: the ranges come from smaps first,
-    and a range ORT unmapped in between could by then hold another allocation (tried during the load: a crash one
-    run in two)."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    try:
-        target = os.path.realpath(data_file)
-        ranges, current = [], None
-        with open("/proc/self/smaps") as smaps:
-            for line in smaps:
-                head = line.split(maxsplit=5)
-                if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
-                    match = len(head) == 6 and head[5].rstrip("\n") == target
-                    current = [int(x, 16) for x in head[0].split("-")] if match else None
-                elif current is not None and head[0] == "Anonymous:":
-                    if int(head[1]) == 0:
-                        ranges.append(current)
-                    current = None
-        if not ranges:
-            return 0
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return sum(end - start for start, end in ranges if libc.madvise(start, end - start, 4) == 0)  # MADV_DONTNEED
-    except (OSError, AttributeError, ValueError, IndexError) as e:  # no /proc or no libc symbol: keep the pages
-        log.debug("onnx: could not release the mapped pages of %s: %s", data_file, e)
-        return 0
 
 
 class OnnxBackend(Backend):

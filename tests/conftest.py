@@ -106,7 +106,7 @@ _FIRST = ("test_executorch_e2e.py",)
 # The fast tier (`make test-fast`, `-m unit`): modules that export nothing and build no model beyond the tiny ones.
 UNIT_MODULES = ("test_config.py", "test_sampling.py", "test_budget.py", "test_ple.py", "test_chat.py",
                 "test_quant_schemes.py", "test_artifact.py", "test_processors_no_torch.py", "test_tokenizer.py",
-                "test_export_common.py", "test_suite_honesty.py", "test_fidelity_math.py")
+                "test_export_common.py", "test_suite_honesty.py", "test_fidelity_math.py", "test_runtime_memory.py")
 
 # What the suite imports. Under CI a module that fails to import is an error at collection, not a silent skip.
 SUITE_DEPENDENCIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "executorch", "torchao",

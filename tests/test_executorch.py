@@ -385,3 +385,13 @@ def test_lowering_frees_the_delegated_weights_and_the_program_still_computes_the
     program = Runtime.get().load_program(str(tmp_path / "model.pte"), data_path=str(tmp_path / "model.ptd"))
     (got,) = program.load_method("forward").execute([ids])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_backend_turns_on_xnnpacks_weight_cache():
+    """`runtimes.executorch._enable_xnnpack_weight_cache` sets the XNNPACK backend option through the runtime
+    library's `set_option` and reads it back with `get_option` (the structure layout is ExecuTorch's C++ one: a wrong
+    layout reads back something else). With the cache, prefill and decode share one packed copy of each weight."""
+    from edge_gemma.runtimes.executorch import _enable_xnnpack_weight_cache
+
+    assert _enable_xnnpack_weight_cache(False) is True  # read back: off
+    assert _enable_xnnpack_weight_cache(True) is True  # read back: on
