@@ -142,7 +142,7 @@ def open(  # noqa: A001 - `edge_gemma.open(...)` is the public name
         tok_dir = manifest["tokenizer"]["dir"]
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{art.root / 'manifest.json'}: missing field {exc}") from None
-    processor = Processor.from_dir(art.root / tok_dir, max_soft_tokens=max_soft_tokens)
+    processor = Processor.from_dir(art.folder(tok_dir, "tokenizer.dir"), max_soft_tokens=max_soft_tokens)
     ple = PleTable(art.path(ple_entry["file"]), ple_entry)
     try:
         be = open_backend(art, backend, threads=threads)

@@ -191,23 +191,72 @@ class Artifact:
         mpath = self.root / MANIFEST
         if not mpath.is_file():
             raise ArtifactError(f"{self.root}: not an edge-gemma artifact (no {MANIFEST})")
+        if mpath.is_symlink():
+            raise ArtifactError(f"{mpath}: a symlink; an artifact holds its own files")
         try:
             self.manifest: dict[str, Any] = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{mpath}: not valid JSON ({exc})") from None
+        if not isinstance(self.manifest, dict):
+            raise ArtifactError(f"{mpath}: expected a JSON object, found {type(self.manifest).__name__}")
         version = self.manifest.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ArtifactError(
                 f"{mpath}: schema_version {version!r} is not supported by this edge-gemma "
                 f"(it reads version {SCHEMA_VERSION}); re-export the checkpoint or upgrade edge-gemma"
             )
-        self.files = {e["path"]: FileEntry(**e) for e in self.manifest.get("files", [])}
+        entries = self.manifest.get("files", [])
+        if not isinstance(entries, list):
+            raise ArtifactError(f"{mpath}: files must be a list, found {type(entries).__name__}")
+        self.files = {}
+        for n, e in enumerate(entries):
+            try:
+                entry = FileEntry(**e)
+                if not (isinstance(entry.path, str) and isinstance(entry.size, int) and isinstance(entry.sha256, str)):
+                    raise TypeError("path, size and sha256 must be a string, an integer and a string")
+            except TypeError as exc:
+                raise ArtifactError(f"{mpath}: files[{n}] is malformed ({exc}); expected "
+                                    "{\"path\": ..., \"size\": ..., \"sha256\": ...}") from None
+            self._inside(entry.path, f"files[{n}].path")
+            self.files[entry.path] = entry
+        for field in (("tokenizer", "dir"), ("ple", "file")):
+            section = self.manifest.get(field[0])
+            if isinstance(section, dict) and field[1] in section:
+                self._inside(section[field[1]], ".".join(field))
         for entry in self.files.values():
             p = self.root / entry.path
             if not p.is_file():
                 raise ArtifactError(f"{p}: listed in {MANIFEST} but missing")
             if p.stat().st_size != entry.size:
                 raise ArtifactError(f"{p}: size {p.stat().st_size} differs from the manifest's {entry.size}")
+
+    def _inside(self, rel: Any, field: str) -> Path:
+        """`root / rel` for a manifest path that is relative, normalized and has no symlink below the root (an
+        artifact is downloaded like a checkpoint: a path out of it, or a link, would make it read other files)."""
+        where = f"{self.root / MANIFEST}: {field}"
+        if not isinstance(rel, str) or not rel:
+            raise ArtifactError(f"{where} must be a non-empty relative path, got {rel!r}")
+        parts = rel.split("/")
+        if rel.startswith("/") or "\\" in rel or any(part in ("", ".", "..") for part in parts) \
+                or Path(rel).is_absolute():
+            raise ArtifactError(f"{where} {rel!r} is not a path inside the artifact (absolute, or with '..', '.' or "
+                                "empty parts)")
+        p = self.root
+        for part in parts:
+            p = p / part
+            if p.is_symlink():
+                raise ArtifactError(f"{p}: a symlink ({field}); an artifact holds its own files")
+        return self.root / rel
+
+    def folder(self, rel: str, field: str = "folder") -> Path:
+        """A folder of the artifact named by the manifest (e.g. `tokenizer.dir`), checked as every manifest path
+        is; none of the files in it may be a symlink either."""
+        p = self._inside(rel, field)
+        if p.is_dir():
+            for child in p.iterdir():
+                if child.is_symlink():
+                    raise ArtifactError(f"{child}: a symlink ({field}); an artifact holds its own files")
+        return p
 
     def path(self, rel: str) -> Path:
         if rel not in self.files:

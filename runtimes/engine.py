@@ -61,6 +61,10 @@ __all__ = [
 ]
 
 
+BUSY = ("this engine is already generating; finish or close the previous generation first (`gen.close()`, or "
+        "`with model.generate(...) as gen:`)")
+
+
 class EngineError(ValueError):
     """A request the engine cannot serve (bad media counts, engine busy, ...); the message says which."""
 
@@ -146,17 +150,22 @@ class Completion:
 
 class Generation:
     """The text pieces of one generation, streamed as they are decoded. After the loop (or `result()`),
-    `completion` holds the whole answer, its parsed tool calls and the timings."""
+    `completion` holds the whole answer, its parsed tool calls and the timings.
+
+    The engine runs one generation at a time. A loop that stops early leaves this one holding the engine until it
+    is closed: `close()`, leaving a `with` block (`with model.generate(...) as gen: ...`), or the object being
+    garbage collected. A closed, unfinished generation has no completion; `result()` then raises."""
 
     def __init__(self, gen: Generator[str, None, Completion]):
         self._gen = gen
+        self._closed = False
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        if self.completion is not None:  # finished: an exhausted generator would answer None a second time
+        if self.completion is not None or self._closed:  # finished or closed: the generator must not run again
             raise StopIteration
         try:
             return next(self._gen)
@@ -164,14 +173,23 @@ class Generation:
             self.completion = stop.value
             raise
 
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def result(self) -> Completion:
         """Run to the end (if not done yet) and return the completion."""
         for _ in self:
             pass
-        assert self.completion is not None
+        if self.completion is None:
+            raise EngineError("this generation was closed before it finished; it has no completion")
         return self.completion
 
     def close(self) -> None:
+        """Stop the generation (if it is still running) and release the engine for the next one."""
+        self._closed = True
         self._gen.close()
 
 
@@ -356,10 +374,12 @@ class Engine:
                                "(exported --text-only?); it cannot take audio")
         self._check_fits(S)
         if self._busy:
-            raise EngineError("this engine is already generating; finish or close the previous generation first")
+            raise EngineError(BUSY)
         return self._locked(prompt, ids, S, options, t0)
 
     def _locked(self, prompt, ids, S, options, t0) -> Generator[str, None, Completion]:
+        if self._busy:  # two generations made before either started: the second to start is refused
+            raise EngineError(BUSY)
         self._busy = True
         try:
             return (yield from self._run_locked(prompt, ids, S, options, t0))

@@ -96,3 +96,60 @@ def test_paths_cannot_escape(tmp_path):
             w.write_bytes("../evil", b"")
     assert not (tmp_path / "evil").exists() and not (tmp_path / "art").exists()
     assert os.listdir(tmp_path) == []
+
+
+def _edit_manifest(out, edit):
+    m = json.loads((out / "manifest.json").read_text())
+    edit(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../../etc/passwd", "onnx/../../outside", "./onnx/decoder.onnx",
+                                 "onnx//decoder.onnx", "onnx\\decoder.onnx", ""])
+def test_a_manifest_path_out_of_the_artifact_is_refused(tmp_path, bad):
+    out = _write(tmp_path / "art")
+    _edit_manifest(out, lambda m: m["files"][0].update(path=bad))
+    with pytest.raises(ArtifactError, match=r"files\[0\]\.path"):
+        Artifact(out)
+
+
+@pytest.mark.parametrize("field", [("tokenizer", "dir"), ("ple", "file")])
+def test_tokenizer_dir_and_ple_file_must_be_inside_too(tmp_path, field):
+    out = _write(tmp_path / "art")
+    _edit_manifest(out, lambda m: m.setdefault(field[0], {}).update({field[1]: str(tmp_path)}))
+    with pytest.raises(ArtifactError, match=rf"{field[0]}\.{field[1]}"):
+        Artifact(out)
+
+
+def test_symlinks_inside_the_artifact_are_refused(tmp_path):
+    out = _write(tmp_path / "art")
+    elsewhere = tmp_path / "elsewhere"
+    (out / "onnx").rename(elsewhere)
+    (out / "onnx").symlink_to(elsewhere, target_is_directory=True)  # a linked folder
+    with pytest.raises(ArtifactError, match=r"art/onnx: a symlink \(files\[\d\]\.path\)"):
+        Artifact(out)
+    (out / "onnx").unlink()
+    (out / "onnx").mkdir()
+    (out / "onnx" / "decoder.onnx").symlink_to(elsewhere / "decoder.onnx")  # a linked file
+    with pytest.raises(ArtifactError, match=r"decoder\.onnx: a symlink"):
+        Artifact(out)
+    (out / "onnx" / "decoder.onnx").unlink()
+    (elsewhere / "decoder.onnx").rename(out / "onnx" / "decoder.onnx")
+    art = Artifact(out)  # intact again
+    (out / "tokenizer" / "chat_template.jinja").symlink_to(tmp_path / "template.jinja")  # unlisted, in the folder
+    with pytest.raises(ArtifactError, match=r"chat_template\.jinja: a symlink \(tokenizer\.dir\)"):
+        art.folder("tokenizer", "tokenizer.dir")
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ([1, 2], r"expected a JSON object, found list"),
+    ({"schema_version": SCHEMA_VERSION, "files": {"a": 1}}, r"files must be a list"),
+    ({"schema_version": SCHEMA_VERSION, "files": [{"path": "a"}]}, r"files\[0\] is malformed"),
+    ({"schema_version": SCHEMA_VERSION, "files": [{"path": 3, "size": 1, "sha256": "x"}]}, r"files\[0\] is malformed"),
+    ({"schema_version": SCHEMA_VERSION, "files": ["onnx/decoder.onnx"]}, r"files\[0\] is malformed"),
+])
+def test_a_malformed_manifest_is_a_clear_error(tmp_path, manifest, message):
+    out = _write(tmp_path / "art")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        Artifact(out)

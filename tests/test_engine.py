@@ -18,7 +18,7 @@ from edge_gemma import api
 from edge_gemma.chat import ToolCall
 from edge_gemma.paths import DEFAULT_CHECKPOINT
 from edge_gemma.runtimes.base import Backend
-from edge_gemma.runtimes.engine import ContextOverflowError, GenerationOptions
+from edge_gemma.runtimes.engine import ContextOverflowError, EngineError, GenerationOptions
 
 from paths import REPO  # noqa: E402
 NEW = 8
@@ -287,3 +287,32 @@ def test_result_after_streaming_returns_the_same_completion():
         assert gen.result() is first  # iterating an exhausted generation must not lose the completion
         assert list(gen) == []
         assert "".join(pieces) == first.text
+
+
+def test_a_generation_left_early_holds_the_engine_until_closed(model):
+    """One generation at a time: a loop that breaks keeps the engine until `close()` or the end of a `with` block;
+    a closed, unfinished generation has no completion; of two generations made before either started, the second
+    to start is refused."""
+    eng = model.engine
+    eng.reset()
+    opts = GenerationOptions(max_new_tokens=8)
+    messages = [{"role": "user", "content": "Read a file."}]
+    gen = eng.generate(messages, options=opts)
+    next(gen)
+    with pytest.raises(EngineError, match="already generating"):
+        eng.generate(messages, options=opts)
+    gen.close()
+    with pytest.raises(EngineError, match="closed before it finished"):
+        gen.result()
+    assert list(gen) == []  # a closed generation yields nothing more
+    with eng.generate(messages, options=opts) as inner:
+        for _ in inner:
+            break
+    assert eng.generate(messages, options=opts).result().stats.new_tokens >= 1  # released by the `with`
+
+    first, second = eng.generate(messages, options=opts), eng.generate(messages, options=opts)
+    next(first)
+    with pytest.raises(EngineError, match="already generating"):
+        next(second)
+    first.close()
+    assert eng.generate(messages, options=opts).result().stats.new_tokens >= 1

@@ -156,7 +156,8 @@ def llama_cpp(args, ckpt: Path, work: Path) -> dict[str, Path]:
     gguf = work / "gguf"
     gguf.mkdir(parents=True, exist_ok=True)
     bf16 = gguf / "model-BF16.gguf"
-    if not bf16.is_file():
+    wanted = [gguf / f"model-{q}.gguf" for q in ("Q4_0", "Q4_K_M")]
+    if not bf16.is_file() and not all(p.is_file() for p in wanted):  # the BF16 file only feeds llama-quantize
         env = {**os.environ, "PYTHONPATH": str(vendor / "gguf-py")}
         tmp = bf16.with_suffix(".tmp")
         sh([PY, vendor / "convert_hf_to_gguf.py", ckpt, "--outtype", "bf16", "--outfile", tmp], env=env,
