@@ -40,6 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import ConfigError, ModelConfig, load_config
+from .quantize.safetensors_io import CheckpointFormatError, bad_values, parse_header
 
 if TYPE_CHECKING:
     from .model.gemma4 import Gemma4Model
@@ -100,9 +101,10 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
             (n,) = struct.unpack("<Q", raw)
             if n > size - 8:
                 raise CheckpointError(f"{file}: corrupt safetensors header (header length {n}, file size {size})")
-            header = json.loads(fh.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file}: corrupt safetensors header ({exc})") from None
+            header = parse_header(fh.read(n), file)
+    except CheckpointFormatError as exc:
+        detail = str(exc).removeprefix(f"{file}: ")
+        raise CheckpointError(f"{file}: corrupt safetensors header ({detail})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
     out: dict[str, TensorInfo] = {}
@@ -298,6 +300,11 @@ def load_model(
                 state[ours] = _mmap_tensor(theirs, info)
                 continue
             t = reader.get(theirs, info)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = bad_values(theirs, t.float().numpy())
+                if bad:
+                    raise CheckpointError(f"{info.file}: tensor {theirs!r} has {bad} NaN or inf value(s); a model "
+                                          "with them cannot give a right answer")
             if theirs in lora:
                 t = _merge_lora(t, lora.pop(theirs), theirs)
             state[ours] = t.to(dtype) if t.is_floating_point() else t

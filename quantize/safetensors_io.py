@@ -35,8 +35,58 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+# Clipping bounds of Gemma 4's ClippableLinear (audio/vision towers): +-inf is their "no clipping" value.
+CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
+
+
+def bad_values(name: str, values: np.ndarray) -> int:
+    """How many values of float tensor `name` no trained weight can hold: NaN anywhere, +-inf outside the clipping
+    bounds (`CLIP_BOUNDS`)."""
+    if name.rsplit(".", 1)[-1] in CLIP_BOUNDS:
+        return int(np.isnan(values).sum())
+    return int(values.size - np.isfinite(values).sum())
+
+
 class CheckpointFormatError(ValueError):
     """A safetensors file or checkpoint directory is malformed (the message names the file and tensor)."""
+
+
+def parse_header(raw: bytes, path: Path) -> dict:
+    """A safetensors header's JSON, refusing what readers would silently resolve one way or another: a name given
+    twice (JSON parsers keep one of them: a checkpoint whose `gate_proj` is read as its `up_proj` loads), and two
+    tensors whose byte ranges overlap (`data_offsets` within the data section; bounds are checked by the callers,
+    who know the data section's size)."""
+    def unique(pairs):
+        seen: dict = {}
+        for key, value in pairs:
+            if key in seen:
+                raise CheckpointFormatError(f"{path}: the header names tensor {key!r} twice")
+            seen[key] = value
+        return seen
+
+    try:
+        header = json.loads(raw, object_pairs_hook=unique)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFormatError(f"{path}: header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{path}: header is not a JSON object")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            b, e = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            continue  # the caller reports the malformed entry with its own message
+        spans.append((b, e, name))
+    last = None  # the non-empty range reaching furthest so far, in order of start
+    for b, e, name in sorted(s for s in spans if s[1] > s[0]):
+        if last is not None and b < last[1]:
+            raise CheckpointFormatError(f"{path}: tensors {last[2]!r} [{last[0]}, {last[1]}) and {name!r} [{b}, {e}) "
+                                        "overlap in the data section")
+        if last is None or e > last[1]:
+            last = (b, e, name)
+    return header
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,10 +131,7 @@ class SafetensorsFile:
         (hlen,) = struct.unpack("<Q", raw)
         if hlen > _MAX_HEADER or 8 + hlen > size:
             raise CheckpointFormatError(f"{self.path}: header length {hlen} is impossible for a {size}-byte file")
-        try:
-            header = json.loads(os.pread(self._fd, hlen, 8))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointFormatError(f"{self.path}: header is not valid JSON ({e})") from e
+        header = parse_header(os.pread(self._fd, hlen, 8), self.path)
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         data_start = 8 + hlen
         self.tensors: dict[str, TensorInfo] = {}

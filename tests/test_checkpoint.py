@@ -348,3 +348,72 @@ def test_lora_adapter_with_unknown_base(lora_adapter, tmp_path):
     (lost / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "google/gemma-4-E2B-it"}))
     with pytest.raises(CheckpointError, match="not a local checkpoint directory.*merge_and_unload"):
         load_model(lost)
+
+
+def _rewrite_header(file: Path, edit_text) -> None:
+    """Rewrite a safetensors file's JSON header as text (`edit_text(str) -> str`), keeping its data section."""
+    import struct
+
+    data = file.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    text = edit_text(data[8:8 + n].decode("utf-8").rstrip())
+    raw = text.encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    file.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+GATE, UP = "model.language_model.layers.1.mlp.gate_proj.weight", "model.language_model.layers.1.mlp.up_proj.weight"
+
+
+def test_a_tensor_named_twice_in_the_header_is_refused(tiny_checkpoints, tmp_path):
+    """JSON parsers keep one of two equal keys: without the check, `up_proj` would load as whichever came last."""
+    from edge_gemma.quantize.safetensors_io import CheckpointFormatError, SafetensorsFile
+
+    path = copy_ckpt(tiny_checkpoints["a"], tmp_path)
+    file = path / "model.safetensors"
+    _rewrite_header(file, lambda text: text.replace(f'"{GATE}"', f'"{UP}"'))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: corrupt safetensors header .*names tensor '{UP}' twice"):
+        load_model(path)
+    with pytest.raises(CheckpointFormatError, match=rf"names tensor '{UP}' twice"):  # quantize's reader
+        SafetensorsFile(file)
+
+
+def test_tensors_whose_bytes_overlap_are_refused(tiny_checkpoints, tmp_path):
+    from edge_gemma.quantize.safetensors_io import CheckpointFormatError, SafetensorsFile
+
+    path = copy_ckpt(tiny_checkpoints["a"], tmp_path)
+    file = path / "model.safetensors"
+
+    def same_bytes(text: str) -> str:
+        header = json.loads(text)
+        header[GATE]["data_offsets"] = header[UP]["data_offsets"]  # same shape and dtype: gate reads up's bytes
+        return json.dumps(header)
+
+    _rewrite_header(file, same_bytes)
+    with pytest.raises(CheckpointError, match=r"corrupt safetensors header .*overlap"):
+        load_model(path)
+    with pytest.raises(CheckpointFormatError, match=rf"'{GATE}'.*overlap|'{UP}'.*overlap"):
+        SafetensorsFile(file)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_load_and_quantize(tiny_checkpoints, tmp_path, value):
+    """A NaN in a norm weight used to load and export (fidelity "KL nan", exit 0): load_model and quantize (which
+    the exporters stream through) now name the tensor."""
+    from edge_gemma.quantize.stream import QuantizeError, quantize_checkpoint
+
+    path = copy_ckpt(tiny_checkpoints["a"], tmp_path)
+    norm = "model.language_model.layers.0.input_layernorm.weight"
+
+    def poison(t):
+        w = t[norm].clone()
+        w[3] = value
+        return {**t, norm: w}
+
+    edit_tensors(path, poison)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{norm}' has 1 NaN or inf"):
+        load_model(path)
+    for recipe in ("int4", "fp32"):  # kept float (the norm) and widened
+        with pytest.raises(QuantizeError, match=rf"tensor '{norm}' has NaN or inf"):
+            quantize_checkpoint(path, recipe, tmp_path / f"q-{recipe}", progress=False)
+        assert not (tmp_path / f"q-{recipe}").exists()  # nothing half-written left behind
