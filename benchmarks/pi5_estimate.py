@@ -47,21 +47,22 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class X86Measured:
-    """benchmarks/README.md, "Full-size figures on an idle machine": `bench_onnx.py --artifact e2b-int4 --skip-export
-    --runs 3` (512-token prompt, 128 new tokens, 2 threads), onnxruntime 1.32.0, a 2-core AMD EPYC VM (AVX-512
-    VNNI) with nothing else running; the graph attends over the cache slots in use (buckets of 64). The per-core
-    ratios below were reasoned against the Intel Xeon VM of the earlier figures (AVX-512 VNNI, 2.6 GHz)."""
+    """benchmarks/README.md, "The peers side by side" (rerun 2026-12-07 16:57 UTC): `make bench-peers`, synthetic
+    full-size E2B int4 text-only artifact, 512-token prompt, 128 new tokens, 2 threads, medians of 3 interleaved
+    fresh processes, onnxruntime 1.32.0 with the sliced head and the released scale pages, a 2-core AMD EPYC VM
+    (AVX-512 VNNI) with nothing else running; the graph attends over the cache slots in use (buckets of 64). The
+    per-core ratios below were reasoned against the Intel Xeon VM of the earliest figures (AVX-512 VNNI, 2.6 GHz)."""
 
     threads: int = 2
     context: int = 4096
     prefill_chunk: int = 128
     prompt_tokens: int = 512
     new_tokens: int = 128
-    prefill_tok_s_median: float = 163.5
-    prefill_tok_s_best: float = 165.9
-    decode_tok_s_median: float = 11.84
-    decode_tok_s_best: float = 13.64
-    decoder_data_bytes: float = 1.55 * GIB  # `du` of decoder.onnx.data (benchmarks/README.md "Disk")
+    prefill_tok_s_median: float = 249.17
+    prefill_tok_s_best: float = 273.77
+    decode_tok_s_median: float = 19.29
+    decode_tok_s_best: float = 21.31
+    decoder_data_bytes: float = 1.515 * GIB  # `du` of the bench-peers artifact's decoder.onnx.data (1627090944 B)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,8 +76,8 @@ class Peer:
     pi5_decode_tok_s: float
 
 
-PEERS = (
-    Peer(name="llama.cpp Q4_0 / Q4_K_M", x86_prefill_tok_s=56.5, x86_decode_tok_s=17.4, pi5_prefill_tok_s=28.0,
+PEERS = (  # llama.cpp's x86 figures: Q4_0 in the same bench-peers run as X86Measured; LiteRT-LM's: peers.md
+    Peer(name="llama.cpp Q4_0 / Q4_K_M", x86_prefill_tok_s=131.31, x86_decode_tok_s=23.22, pi5_prefill_tok_s=28.0,
          pi5_decode_tok_s=6.7),
     Peer(name="LiteRT-LM int4", x86_prefill_tok_s=262.0, x86_decode_tok_s=16.2, pi5_prefill_tok_s=133.0,
          pi5_decode_tok_s=8.0),
