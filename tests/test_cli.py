@@ -34,6 +34,29 @@ def test_run_streams_only_the_answer(eager_answer):
     assert "[eager]" in r.stderr and "tok/s" in r.stderr and "peak RSS" in r.stderr
 
 
+def test_run_reads_the_prompt_from_stdin_or_a_file(eager_answer, tmp_path):
+    """`-p -` reads standard input and `--prompt-file` a UTF-8 file: the same answer as `--prompt TEXT`; bytes that
+    are not UTF-8, a missing file, an empty prompt or both sources are clear errors."""
+    common = ("--context", "256", "--max-new-tokens", "6")
+    r = cli("run", "default", *common, "-p", "-", input="Return the absolute value.")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == eager_answer + "\n"
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Return the absolute value.", encoding="utf-8")
+    r = cli("run", "default", *common, "--prompt-file", str(prompt))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == eager_answer + "\n"
+    prompt.write_bytes(b"caf\xe9")  # Latin-1, not UTF-8
+    r = cli("run", "default", *common, "--prompt-file", str(prompt))
+    assert r.returncode == 2 and f"--prompt-file {prompt}: not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", "default", *common, "--prompt-file", str(tmp_path / "missing.txt"))
+    assert r.returncode == 2 and "missing.txt: No such file or directory" in r.stderr
+    r = cli("run", "default", *common, "-p", "-", input="  \n")
+    assert r.returncode == 2 and "the prompt is empty" in r.stderr
+    r = cli("run", "default", *common, "-p", "hi", "--prompt-file", str(prompt))
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+
+
 def test_run_errors_name_the_problem(tmp_path):
     r = cli("run", str(tmp_path), "--prompt", "hi")
     assert r.returncode == 2 and "neither an artifact (no manifest.json) nor a checkpoint" in r.stderr

@@ -1,6 +1,7 @@
-"""`edge-gemma run ARTIFACT --prompt TEXT`: one answer, streamed to stdout (and nothing else on stdout).
+"""`edge-gemma run ARTIFACT -p TEXT`: one answer, streamed to stdout (and nothing else on stdout).
 
-Timings go to stderr with `--stats`; parsed tool calls are listed on stderr.
+The prompt: `-p/--prompt TEXT` (`-p -` reads standard input) or `--prompt-file FILE` (UTF-8). Timings go to stderr
+with `--stats`; parsed tool calls are listed on stderr.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from ._common import add_model_arguments, add_sampling_arguments, open_model, re
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--prompt", required=True, help="the user's message")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("-p", "--prompt", help="the user's message ('-': read it from standard input)")
+    source.add_argument("--prompt-file", metavar="FILE", help="read the user's message from FILE (UTF-8)")
     parser.add_argument("--image", action="append", default=[], metavar="FILE", help="an image (repeatable)")
     parser.add_argument("--audio", action="append", default=[], metavar="FILE", help="an audio clip (repeatable)")
     parser.add_argument("--tools", metavar="FILE", help="JSON list of function declarations the model may call")
@@ -22,6 +25,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
     parser.add_argument("--stats", action="store_true", help="print timings to stderr")
     add_sampling_arguments(parser)
+
+
+def prompt_text(args: argparse.Namespace) -> str:
+    """The user's message: `--prompt TEXT`, `--prompt -` (standard input) or `--prompt-file FILE`."""
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--prompt-file {args.prompt_file}: not UTF-8 text ({exc.reason} at byte "
+                             f"{exc.start})") from None
+        except OSError as exc:
+            raise ValueError(f"--prompt-file {args.prompt_file}: {exc.strerror}") from None
+    if args.prompt == "-":
+        try:
+            return sys.stdin.buffer.read().decode("utf-8") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--prompt -: standard input is not UTF-8 text ({exc.reason} at byte "
+                             f"{exc.start})") from None
+    return args.prompt
 
 
 def user_content(prompt: str, images: list[str], audios: list[str]):
@@ -50,6 +73,9 @@ def _run_litert_lm(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.prompt = prompt_text(args)
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty")
     if args.backend == "litert-lm":
         return _run_litert_lm(args)
     tools = read_tools(args.tools)
