@@ -55,6 +55,9 @@ def test_run_reads_the_prompt_from_stdin_or_a_file(eager_answer, tmp_path):
     assert r.returncode == 2 and "the prompt is empty" in r.stderr
     r = cli("run", "default", *common, "-p", "hi", "--prompt-file", str(prompt))
     assert r.returncode == 2 and "not allowed with argument" in r.stderr
+    r = cli("run", "default", "--context", "256", "-n", "6", "-t", "1", "-p", "Return the absolute value.")
+    assert r.returncode == 0, r.stderr  # the short forms llama-cli users type
+    assert r.stdout == eager_answer + "\n"
 
 
 def test_run_errors_name_the_problem(tmp_path):

@@ -36,7 +36,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["onnx", "executorch", "litert", "litert-lm", "eager"], default=None,
                         help="runtime (default: the first of onnx, litert, executorch that the artifact holds and "
                              "that is installed)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the backend (>= 1)")
+    parser.add_argument("-t", "--threads", type=positive_int, default=None, help="CPU threads for the backend (>= 1)")
     parser.add_argument("--image-tokens", type=int, default=280, choices=[70, 140, 280, 560, 1120],
                         help="soft-token budget of each image (default 280)")
     parser.add_argument("--context", type=positive_int, default=DEFAULT_EAGER_CONTEXT,
@@ -45,13 +45,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int = 256) -> None:
-    parser.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+    parser.add_argument("-n", "--max-new-tokens", type=positive_int, default=max_new_tokens,
+                        help=f"stop after this many new tokens (default {max_new_tokens})")
     parser.add_argument("--temperature", type=_number(float, low=0.0), default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=_number(int, low=0), default=0, help="0 = off")
     parser.add_argument("--top-p", type=_number(float, low=0.0, high=1.0, low_open=True), default=1.0,
                         help="in (0, 1]; 1 = off")
     parser.add_argument("--repetition-penalty", type=_number(float, low=0.0, low_open=True), default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (the same seed, the same answer)")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
