@@ -36,9 +36,12 @@ _LITERT_LM = r"""
 import json, sys, time
 import litert_lm
 bundle, threads, P, N, text_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+from pathlib import Path
+from edge_gemma.runtimes.litert_lm import _cache_dir  # its XNNPACK cache goes where the runtime keeps it, never
+litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)  # into the artifact's folder
 t0 = time.perf_counter()
-engine = litert_lm.Engine(bundle, litert_lm.Backend.CPU(thread_count=threads), enable_benchmark=True)
+engine = litert_lm.Engine(bundle, litert_lm.Backend.CPU(thread_count=threads), enable_benchmark=True,
+                          cache_dir=str(_cache_dir(Path(bundle))))
 t_load = time.perf_counter() - t0
 source = open(text_path).read()
 while len(engine.tokenize(source)) < P:
