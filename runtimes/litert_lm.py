@@ -38,12 +38,14 @@ def _litert_lm():
 
 
 def _cache_dir(bundle: Path) -> Path:
-    """Where LiteRT-LM keeps its XNNPACK weight cache for `bundle`: a per-user cache (`$XDG_CACHE_HOME/edge-gemma/
-    litert-lm/`), keyed by the bundle's path, size and mtime; never the artifact's own folder, whose files its
-    manifest lists and checksums."""
+    """Where LiteRT-LM keeps its XNNPACK weight cache for `bundle`: a per-user cache (`$EDGE_GEMMA_CACHE`, else
+    `$XDG_CACHE_HOME/edge-gemma`, then `litert-lm/`), keyed by the bundle's path, size and mtime; never the artifact's
+    own folder, whose files its manifest lists and checksums."""
     st = bundle.stat()
     key = hashlib.sha256(f"{bundle.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-gemma" / "litert-lm" / key
+    base = os.environ.get("EDGE_GEMMA_CACHE") or \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-gemma"
+    root = Path(base) / "litert-lm" / key
     root.mkdir(parents=True, exist_ok=True)
     return root
 

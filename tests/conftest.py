@@ -117,7 +117,12 @@ SUITE_DEPENDENCIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscrip
 def pytest_configure(config):
     import importlib
     import os
+    import tempfile
 
+    if "EDGE_GEMMA_CACHE" not in os.environ:  # per-user caches of the suite's throwaway artifacts (LiteRT-LM's
+        cache = tempfile.mkdtemp(prefix="edge-gemma-test-cache-")  # XNNPACK cache) go away with the run
+        os.environ["EDGE_GEMMA_CACHE"] = cache  # inherited by the CLI subprocesses and the xdist workers
+        config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
     if os.environ.get("CI", "").strip().lower() not in ("1", "true", "yes") or hasattr(config, "workerinput"):
         return
     broken = []
