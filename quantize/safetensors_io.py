@@ -191,10 +191,13 @@ class SafetensorsFile:
         t = self.info(name)
         if t.dtype not in FLOAT_DTYPES:
             raise CheckpointFormatError(f"{self.path}: tensor {name!r} is {t.dtype}, not a float tensor")
-        raw = self.read_raw(name, row_start, row_stop)
-        if t.dtype == "BF16":
-            return bf16_bits_to_f32(raw)
-        return raw.astype(np.float32)
+        return raw_to_f32(self.read_raw(name, row_start, row_stop), t.dtype)
+
+
+def raw_to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Rows read with `read_raw` from a float tensor of safetensors dtype `dtype`, as float32 (what `read_f32`
+    returns, without reading the file again)."""
+    return bf16_bits_to_f32(raw) if dtype == "BF16" else raw.astype(np.float32)
 
 
 def open_checkpoint_files(src: str | os.PathLike) -> tuple[list[SafetensorsFile], dict[str, SafetensorsFile]]:

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from .recipes import Recipe, TensorPlan, get_recipe
 from .report import REPORT_FILENAME, ErrorAccumulator, QuantReport, TensorError
-from .safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsWriter, bad_values, open_checkpoint_files
+from .safetensors_io import (DTYPES, FLOAT_DTYPES, SafetensorsWriter, bad_values, open_checkpoint_files,
+                             raw_to_f32)
 
 __all__ = ["quantize_checkpoint", "MANIFEST_FILENAME", "MANIFEST_FORMAT", "MANIFEST_VERSION", "QuantizeError"]
 
@@ -122,7 +123,7 @@ def _write_item(item: _Item, src, writer: SafetensorsWriter, chunk_bytes: int,
             r1 = min(info.rows, r0 + step)
             chunk = src.read_f32(item.name, r0, r1) if out_dtype != info.dtype else src.read_raw(item.name, r0, r1)
             if info.dtype in FLOAT_DTYPES:  # a NaN in a norm weight exported "fine" before: every float tensor
-                values = chunk if chunk.dtype == np.float32 else src.read_f32(item.name, r0, r1)
+                values = chunk if chunk.dtype == np.float32 else raw_to_f32(chunk, info.dtype)  # no second read
                 if bad_values(item.name, values):
                     raise QuantizeError(f"{src.path}: tensor {item.name!r} has NaN or inf in rows [{r0}, {r1})")
             writer.write_rows(out_name, r0, chunk if info.shape else chunk.reshape(()))
