@@ -123,9 +123,10 @@ def test_chunked_prefill_is_exact_in_float64(tiny_checkpoints):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_one_query_key_major_attention_matches_reference(pair, tiny_checkpoints, variant):
     """The one-token attention the ExecuTorch exporter swaps in (`export/executorch/swaps.KeyMajorSDPA`: scores as
-    K @ q^T, an additive mask) gives the reference's logits at every decode step after a prefill longer than the
-    sliding window, and the reference's greedy tokens."""
-    from edge_gemma.export.executorch.swaps import KeyMajorSDPA, replace_for_executorch
+    K @ q^T, an additive mask) over the used slots only (`UsedSlotsMasks`: a chunk ending at position p reads slots
+    0..p) gives the reference's logits at every decode step after a prefill longer than the sliding window, and the
+    reference's greedy tokens."""
+    from edge_gemma.export.executorch.swaps import KeyMajorSDPA, UsedSlotsMasks, replace_for_executorch
     from edge_gemma.model.attention import GroupedSDPA
 
     ref, _, _ = pair(variant)
@@ -133,12 +134,13 @@ def test_one_query_key_major_attention_matches_reference(pair, tiny_checkpoints,
     lm = model.language_model
     replace_for_executorch(lm)
     assert all(type(layer.self_attn.sdpa) is KeyMajorSDPA for layer in lm.layers)
+    assert type(lm.masks) is UsedSlotsMasks
     ids = prompt(model, long_len(model) + 6, seed=5)
     S, P = ids.shape[1], ids.shape[1] - 6
     calls, grouped = [], []
     swapped, fallback = KeyMajorSDPA.forward, GroupedSDPA.forward
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(KeyMajorSDPA, "forward", lambda self, *a: calls.append(1) or swapped(self, *a))
+        mp.setattr(KeyMajorSDPA, "forward", lambda self, q, kv, m: calls.append(m.shape[-1]) or swapped(self, q, kv, m))
         mp.setattr(GroupedSDPA, "forward", lambda self, *a: grouped.append(1) or fallback(self, *a))
         expected = ref(input_ids=ids).logits
         lm.reset_caches()
@@ -147,6 +149,7 @@ def test_one_query_key_major_attention_matches_reference(pair, tiny_checkpoints,
         steps = [lm(embeds[:, :P], rows[:, :P], torch.arange(P))[:, -1:]]
         steps += [lm(embeds[:, t:t + 1], rows[:, t:t + 1], torch.tensor([t])) for t in range(P, S)]
     assert len(calls) == 7 * len(lm.layers)
+    assert calls == [end for end in range(P, S + 1) for _ in lm.layers]  # slots 0 .. last position, never 128
     assert len(grouped) == len(lm.layers)  # the one-token steps took the key-major path, the prefill did not
     got = torch.cat(steps, dim=1)
     assert (got - expected[:, P - 1:]).abs().max().item() <= 1e-4

@@ -163,7 +163,8 @@ class DecoderMethod(nn.Module):
     """`(inputs_embeds [1,S,H], ple_rows [1,S,L,P], positions [S]) -> logits [1, V]` of the last position.
 
     The one decoder with its static caches (`layers.i.self_attn.kv_cache.{k,v}_cache`, cache-owning layers only),
-    swapped for ExecuTorch (`swaps.replace_for_executorch`: key-major one-token attention, `head` as the tied head),
+    swapped for ExecuTorch (`swaps.replace_for_executorch`: attention over the cache slots in use, key-major one-token
+    attention, `head` as the tied head),
     run with `last_only=True`."""
 
     def __init__(self, lm: nn.Module, head: nn.Module):

@@ -1,7 +1,12 @@
-"""The ExecuTorch backend's swaps: key-major one-token attention and the quantized head.
+"""The ExecuTorch backend's swaps: attention over the slots in use, key-major one-token attention, the quantized head.
 
 The caches stay the eager `KVCache` (static buffers written with `index_copy_`, which ExecuTorch turns into mutable
-buffers shared by the methods) and the masks the eager `CacheMasks`. What changes:
+buffers shared by the methods). What changes:
+
+* `UsedSlotsMasks`: the eager `CacheMasks` cut to the slots `0 .. end - 1`, `end` = the chunk's last position + 1
+  (one data-dependent size, `.item()` once per call, bounded by the cache length): every slot past it is in the
+  future of every query of the chunk, so it is masked anyway. The attention kernels below cut K/V to the mask's
+  width, so a prompt of 512 tokens reads 512 slots per layer instead of the whole 4096-slot cache.
 
 * `KeyMajorSDPA`: a one-token step (decode, and the KV-shared layers of prefill, which run on the last position
   only) computes its scores key-major, `K @ q^T` `(T, rep)` per KV head, so only the small query is transposed, and
@@ -16,17 +21,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edge_gemma.model.attention import GroupedSDPA
+from edge_gemma.model.attention import CacheMasks, GroupedSDPA, visible
 
 from ..common import LinearHead, replace_modules
 
-__all__ = ["KeyMajorSDPA", "replace_for_executorch"]
+__all__ = ["KeyMajorSDPA", "UsedSlotsMasks", "replace_for_executorch"]
+
+
+class UsedSlotsMasks(CacheMasks):
+    """`CacheMasks` over the slots `0 .. end - 1` only, `end = input_pos[-1] + 1` (module docstring)."""
+
+    def forward(self, positions: torch.Tensor, input_pos: torch.Tensor) -> dict[bool, torch.Tensor]:
+        # `.item()` itself does not survive ExecuTorch's decompositions ("Cannot cast FakeTensor to number")
+        end = torch.ops.aten._local_scalar_dense(input_pos[-1]) + 1
+        torch._check(end >= 1)
+        torch._check(end <= self.max_len)
+        q = positions[:, None, :, None]  # (b, 1, S, 1)
+        k = torch.arange(end, device=positions.device)[None, None, None, :]  # (1, 1, 1, end)
+        return {False: visible(q, k), True: visible(q, k, self.window)}
+
+
+def _used(kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache slots the mask covers (`UsedSlotsMasks` cuts the mask; the buffers hold every slot)."""
+    end = mask.shape[-1]
+    return kv[0].narrow(2, 0, end), kv[1].narrow(2, 0, end)
 
 
 class KeyMajorSDPA(GroupedSDPA):
-    """`GroupedSDPA` whose one-query steps (one mask row shared by the batch) attend key-major (module docstring)."""
+    """`GroupedSDPA` over the slots the mask covers, whose one-query steps (one mask row shared by the batch) attend
+    key-major (module docstring)."""
 
     def forward(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        kv = _used(kv, mask)
         B, nh, S, hd = q.shape
         if not (isinstance(S, int) and S == 1 and mask.shape[0] == 1):
             return super().forward(q, kv, mask)
@@ -42,7 +68,10 @@ class KeyMajorSDPA(GroupedSDPA):
 
 
 def replace_for_executorch(decoder: nn.Module, head: nn.Module | None = None) -> nn.Module:
-    """Swap `decoder`'s attention kernels for `KeyMajorSDPA` and, given `head`, its tied head for it; returns it."""
+    """Swap `decoder`'s masks for `UsedSlotsMasks` (when it has static caches), its attention kernels for
+    `KeyMajorSDPA` and, given `head`, its tied head for it; returns it."""
+    if type(decoder.masks) is CacheMasks:
+        decoder.masks = UsedSlotsMasks(decoder.masks.window, decoder.masks.max_len)
     replace_modules(decoder, GroupedSDPA, lambda _: KeyMajorSDPA())
     if head is not None:
         decoder.lm_head = LinearHead(head)
