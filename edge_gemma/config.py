@@ -303,16 +303,8 @@ def _eos_tuple(value: Any, where: str) -> tuple[int, ...]:
     raise ConfigError(f"{where}.eos_token_id: expected an integer or a list of integers, found {value!r}")
 
 
-def _parse_text(d: dict[str, Any], where: str) -> TextConfig:
-    f = _Fields(d, where, _IGNORED_COMMON)
-    model_type = f.get("model_type", "gemma4_text")
-    if model_type != "gemma4_text":
-        raise ConfigError(f"{where}.model_type={model_type!r}: expected 'gemma4_text'")
-    f.require(_TEXT_REQUIRED_VALUES)
-    layers = f.get("num_hidden_layers", kind=int)
-    layer_types = f.get("layer_types", kind=list)
-    head_dim = f.get("head_dim", kind=int)
-    # Full-attention head size: `per_layer_config` overrides (transformers >= 5.23) or `global_head_dim` (hub style).
+def _global_head_dim(f: _Fields, where: str, layers: int, layer_types: list) -> int:
+    """The full-attention head size: `per_layer_config` overrides (transformers >= 5.23) or `global_head_dim`."""
     global_head_dim = f.get("global_head_dim", None, kind=int)
     per_layer = f.get("per_layer_config", None, kind=dict)
     if per_layer is not None:
@@ -346,6 +338,11 @@ def _parse_text(d: dict[str, Any], where: str) -> TextConfig:
         global_head_dim = pl_dim if pl_dim is not None else global_head_dim
     if global_head_dim is None:
         global_head_dim = 512  # the transformers default when neither form is given
+    return global_head_dim
+
+
+def _rope(f: _Fields, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`rope_parameters` -> (sliding, full): default RoPE on sliding layers, proportional on full layers."""
     rope = f.get("rope_parameters", None, kind=dict) or {}
     sliding_rope = rope.get(SLIDING, {"rope_type": "default", "rope_theta": 10_000.0})
     full_rope = rope.get(FULL, {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6})
@@ -358,6 +355,20 @@ def _parse_text(d: dict[str, Any], where: str) -> TextConfig:
         "rope_type", "rope_theta", "partial_rotary_factor"
     }:
         raise ConfigError(f"{where}.rope_parameters.{FULL}={full_rope!r}: expected proportional RoPE")
+    return sliding_rope, full_rope
+
+
+def _parse_text(d: dict[str, Any], where: str) -> TextConfig:
+    f = _Fields(d, where, _IGNORED_COMMON)
+    model_type = f.get("model_type", "gemma4_text")
+    if model_type != "gemma4_text":
+        raise ConfigError(f"{where}.model_type={model_type!r}: expected 'gemma4_text'")
+    f.require(_TEXT_REQUIRED_VALUES)
+    layers = f.get("num_hidden_layers", kind=int)
+    layer_types = f.get("layer_types", kind=list)
+    head_dim = f.get("head_dim", kind=int)
+    global_head_dim = _global_head_dim(f, where, layers, layer_types)
+    sliding_rope, full_rope = _rope(f, where)
     activation = f.get("hidden_activation", "gelu_pytorch_tanh")
     if activation != "gelu_pytorch_tanh":
         raise ConfigError(f"{where}.hidden_activation={activation!r}: only 'gelu_pytorch_tanh' is supported")

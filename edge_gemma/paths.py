@@ -1,4 +1,4 @@
-"""Where things are: the embedded default checkpoint and the published configs (package data)."""
+"""Where things are: the embedded default checkpoint, its drafter and the published configs (package data)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data"
 DEFAULT_CHECKPOINT = DATA / "default"
+DEFAULT_DRAFTER = DATA / "default_drafter"  # its MTP drafter (scripts/train_default_drafter.py)
 CONFIGS = DATA / "configs"
 TEXT = DATA / "text"  # built-in calibration and held-out texts for quantization
 

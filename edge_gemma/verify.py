@@ -10,6 +10,12 @@ Checks (llm.c `test_gpt2.c` style, a port compared with its reference):
   difference legitimately flips the argmax); `reference_max_abs_logit` gives the scale of `max_abs_logit_diff`.
 * `vision_max_abs_diff`, `audio_max_abs_diff`: soft tokens in text space (tower + `embed_*` projection) on a fixed
   synthetic image / noise features; `None` when the checkpoint has no such tower.
+* With a drafter (`--drafter DIR`, a Gemma 4 assistant): `drafter_max_abs_logit_diff` (and
+  `drafter_max_abs_state_diff`, the projected state): `DRAFT_LEN` draft steps after the prompt's prefill, our
+  `Drafter` on our caches vs `Gemma4AssistantForCausalLM` on the reference's `shared_kv_states` (full vocabulary
+  logits; with the centroid head, the same selected tokens and fill value); `assisted_tokens_equal` /
+  `assisted_tokens_total`: 32 tokens of OUR assisted greedy loop (`model/drafter.assisted_greedy`, `DRAFT_LEN` drafts
+  per round) vs the reference's `generate(assistant_model=...)`, common prefix counted as for greedy.
 
 Memory (full-size checkpoints must fit 24 GB): the reference runs first, its logits, tokens and soft tokens are kept,
 the reference is freed, then our model loads with its embedding tables memory-mapped from the files.
@@ -35,6 +41,7 @@ __all__ = ["add_arguments", "run", "verify_checkpoint", "fixed_prompt"]
 log = logging.getLogger(__name__)
 
 NEW_TOKENS = 32
+DRAFT_LEN = 4
 
 
 def fixed_prompt(cfg: ModelConfig, length: int) -> torch.Tensor:
@@ -125,7 +132,33 @@ def _reference_model(path: Path, cfg: ModelConfig, *, with_towers: bool, low_mem
     return ref
 
 
-def _reference(path: Path, cfg: ModelConfig, ids: torch.Tensor, with_towers: bool, low_memory: bool) -> dict[str, Any]:
+def _reference_drafts(ref, drafter_path: Path, ids: torch.Tensor, pad: int) -> dict[str, Any]:
+    """The reference assistant's `DRAFT_LEN` steps after the prefill of `ids` (as transformers' candidate generator
+    runs them) and the reference's assisted greedy generation."""
+    import transformers
+
+    drafter = transformers.Gemma4AssistantForCausalLM.from_pretrained(drafter_path, dtype=torch.float32).eval()
+    L = ids.shape[1]
+    out = ref(input_ids=ids, output_hidden_states=True, return_shared_kv_states=True)
+    tok, hidden = out.logits[:, -1:].argmax(-1), out.hidden_states[-1][:, -1:].float()
+    kv = {k: (v[0][:, :, :L + 1].float(), v[1][:, :, :L + 1].float()) for k, v in out.shared_kv_states.items()}
+    embed, steps = ref.get_input_embeddings(), []
+    for _ in range(DRAFT_LEN):
+        o = drafter(inputs_embeds=torch.cat([embed(tok).float(), hidden], -1), attention_mask=torch.ones(1, L + 1),
+                    position_ids=torch.tensor([[L]]), shared_kv_states=kv)
+        steps.append((o.logits.float(), o.last_hidden_state.float()))
+        tok, hidden = o.logits.argmax(-1), o.last_hidden_state
+    del out, kv
+    drafter.generation_config.num_assistant_tokens = DRAFT_LEN
+    drafter.generation_config.num_assistant_tokens_schedule = "constant"
+    gen = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                       min_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=pad,
+                       assistant_model=drafter)
+    return {"draft_steps": steps, "assisted_tokens": gen[0, L:].tolist()}
+
+
+def _reference(path: Path, cfg: ModelConfig, ids: torch.Tensor, with_towers: bool, low_memory: bool,
+               drafter: Path | None = None) -> dict[str, Any]:
     ref = _reference_model(path, cfg, with_towers=with_towers, low_memory=low_memory)
     out: dict[str, Any] = {}
     with torch.no_grad():
@@ -147,6 +180,8 @@ def _reference(path: Path, cfg: ModelConfig, ids: torch.Tensor, with_towers: boo
             feats, mask = _synthetic_audio()
             a = inner.get_audio_features(feats, mask, return_dict=True)
             out["audio"] = a.pooler_output[a.attention_mask].float()
+        if drafter is not None:
+            out.update(_reference_drafts(ref, drafter, ids, cfg.text.pad_token_id))
     del ref
     gc.collect()
     return out
@@ -178,8 +213,10 @@ def verify_checkpoint(
     prompt_len: int | None = None,
     towers: bool | None = None,
     low_memory: bool | None = None,
+    drafter: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Compare our model with transformers on `path`; returns the report dict (see the module docstring) with `ok`.
+    """Compare our model with transformers on `path` (and the assistant checkpoint `drafter`, if given); returns the
+    report dict (see the module docstring) with `ok`.
 
     towers / low_memory: `None` decides from the checkpoint's size: full-size checkpoints (> 1 G parameters) compare
     the text path only, with the reference's embedding tables kept in the file's dtype (see `_reference_model`)."""
@@ -190,10 +227,15 @@ def verify_checkpoint(
     low_memory = big if low_memory is None else low_memory
     S = prompt_len or 2 * cfg.text.sliding_window + 8
     ids = fixed_prompt(cfg, S)
-    ref = _reference(path, cfg, ids, towers, low_memory)
+    ours_drafter = None
+    if drafter is not None:
+        from .drafter import load_drafter
+
+        ours_drafter = load_drafter(drafter, cfg.text)  # refuse a bad drafter before the long reference run
+    ref = _reference(path, cfg, ids, towers, low_memory, Path(drafter) if drafter is not None else None)
 
     log.info("loading our model from %s (embedding tables memory-mapped)", path)
-    ours = load_model(path, mmap_embeddings=True, max_len=S + NEW_TOKENS, text_only=not towers)
+    ours = load_model(path, mmap_embeddings=True, max_len=S + NEW_TOKENS + DRAFT_LEN, text_only=not towers)
     report: dict[str, Any] = {"checkpoint": str(path), "prompt_tokens": S, "atol": atol}
     with torch.no_grad():
         ours.language_model.reset_caches()
@@ -226,13 +268,46 @@ def verify_checkpoint(
         if "audio" in ref:
             soft = ours.encode_audio(*_synthetic_audio()).float()
             report["audio_max_abs_diff"] = _diff(soft, ref["audio"], "audio")
+        if ours_drafter is not None:
+            report.update(_compare_drafter(ours, ours_drafter, ids, ref))
     tower_diffs = [report[k] for k in ("vision_max_abs_diff", "audio_max_abs_diff") if report[k] is not None]
     report["ok"] = bool(
         report["max_abs_logit_diff"] <= atol
         and report["greedy_tokens_equal"] == report["greedy_tokens_total"]
         and all(d <= atol for d in tower_diffs)
+        and (ours_drafter is None or (report["drafter_max_abs_logit_diff"] <= atol
+                                      and report["drafter_max_abs_state_diff"] <= atol
+                                      and report["assisted_tokens_equal"] == report["assisted_tokens_total"]))
     )
     return report
+
+
+def _compare_drafter(ours, drafter, ids: torch.Tensor, ref: dict[str, Any]) -> dict[str, Any]:
+    """Our drafter's steps and assisted generation against the reference's (`_reference_drafts`)."""
+    from .model.drafter import assisted_greedy, drafter_masks
+
+    lm, L = ours.language_model, ids.shape[1]
+    lm.reset_caches()
+    embeds, ple_ids = ours.embed(ids)
+    h = lm.hidden_states(embeds, lm.ple_rows(ple_ids), torch.arange(L), last_only=True)
+    tok, hidden = lm.logits(h)[:, -1:].argmax(-1), h[:, -1:]
+    kv, key_positions = lm.draft_kv()
+    position = torch.tensor([[L]])
+    masks = drafter_masks(position, key_positions, drafter.cfg.sliding_window)
+    logit_diff = state_diff = 0.0
+    for want_logits, want_state in ref["draft_steps"]:
+        logits, state = drafter(lm.embed(tok), hidden, position, kv, masks)
+        logit_diff = max(logit_diff, float((logits - want_logits).abs().max()))
+        state_diff = max(state_diff, float((state - want_state).abs().max()))
+        tok, hidden = want_logits.argmax(-1), want_state  # follow the reference's drafts: one step's error each
+    tokens = assisted_greedy(ours, drafter, ids, NEW_TOKENS, draft_len=DRAFT_LEN)
+    equal = 0
+    for a, b in zip(tokens, ref["assisted_tokens"]):
+        if a != b:
+            break
+        equal += 1
+    return {"drafter_max_abs_logit_diff": logit_diff, "drafter_max_abs_state_diff": state_diff,
+            "assisted_tokens_equal": equal, "assisted_tokens_total": len(ref["assisted_tokens"])}
 
 
 def _top2_margin(logits: torch.Tensor) -> float:
@@ -254,23 +329,34 @@ def _diff(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="Hugging Face Gemma 4 checkpoint directory")
+    parser.add_argument("checkpoint", type=Path,
+                        help="Hugging Face Gemma 4 checkpoint directory, or 'default' (the embedded model)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--atol", type=float, default=1e-4, help="max abs difference allowed (default 1e-4)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt length (default 2 * sliding_window + 8)")
     parser.add_argument("--no-towers", action="store_true", help="compare the text path only")
+    parser.add_argument("--drafter", type=Path, default=None,
+                        help="a Gemma 4 assistant checkpoint directory ('default': the embedded model's drafter): also "
+                             "compare its draft steps and the assisted greedy generation with transformers'")
     parser.add_argument("--low-memory", action="store_true",
                         help="keep the reference's embedding tables in the file's dtype (automatic above 1 G parameters)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .paths import DEFAULT_DRAFTER, resolve_checkpoint
+
+    args.checkpoint = resolve_checkpoint(args.checkpoint)
+    if args.drafter is not None and str(args.drafter) == "default":
+        args.drafter = DEFAULT_DRAFTER
     report = verify_checkpoint(
         args.checkpoint, args.atol, prompt_len=args.prompt_len, towers=False if args.no_towers else None,
-        low_memory=True if args.low_memory else None,
+        low_memory=True if args.low_memory else None, drafter=args.drafter,
     )
     if args.json:
         keys = ("max_abs_logit_diff", "greedy_tokens_equal", "greedy_tokens_total", "vision_max_abs_diff",
                 "audio_max_abs_diff")  # the JSON contract (tests/test_verify.py); diagnostics stay in the report dict
+        if args.drafter is not None:
+            keys += ("drafter_max_abs_logit_diff", "assisted_tokens_equal", "assisted_tokens_total")
         print(json.dumps({k: report[k] for k in keys}))
     else:
         fmt = lambda v: "n/a (no tower)" if v is None else f"{v:.3g}"  # noqa: E731
@@ -284,5 +370,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{report['reference_min_margin']:.3g})")
         print(f"vision soft tokens  {fmt(report['vision_max_abs_diff'])}")
         print(f"audio soft tokens   {fmt(report['audio_max_abs_diff'])}")
+        if args.drafter is not None:
+            print(f"drafter |logit diff| {report['drafter_max_abs_logit_diff']:.3g}  (projected state "
+                  f"{report['drafter_max_abs_state_diff']:.3g})")
+            print(f"assisted tokens     {report['assisted_tokens_equal']}/{report['assisted_tokens_total']} equal")
         print("OK" if report["ok"] else "FAILED")
     return 0 if report["ok"] else 1

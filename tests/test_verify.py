@@ -100,3 +100,41 @@ def test_low_memory_reference_is_the_float32_reference(tmp_path):
     assert full["tokens"] == low["tokens"]
     report = verify_checkpoint(path, towers=False, low_memory=True)
     assert report["ok"] and report["vision_max_abs_diff"] is None
+
+
+DRAFTER_KEYS = KEYS | {"drafter_max_abs_logit_diff", "assisted_tokens_equal", "assisted_tokens_total"}
+
+
+@pytest.fixture(scope="module")
+def tiny_assistant(tmp_path_factory):
+    import tiny
+
+    return tiny.write_assistant(tmp_path_factory.mktemp("assistant") / "d", "a", seed=4, ordered=True)
+
+
+def run_drafter_json(target, drafter, capsys) -> tuple[int, dict]:
+    rc = cli.main(["verify", str(target), "--no-towers", "--drafter", str(drafter), "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out
+    return rc, json.loads(out[0])
+
+
+def test_cli_json_with_a_drafter(tiny_checkpoints, tiny_assistant, capsys):
+    rc, report = run_drafter_json(tiny_checkpoints["perturbed"], tiny_assistant, capsys)
+    assert rc == 0
+    assert set(report) == DRAFTER_KEYS
+    assert isinstance(report["drafter_max_abs_logit_diff"], float) and report["drafter_max_abs_logit_diff"] <= 1e-4
+    assert isinstance(report["assisted_tokens_equal"], int)
+    assert report["assisted_tokens_equal"] == report["assisted_tokens_total"] == 32
+
+
+def test_verify_fails_when_the_drafter_sees_one_key_too_few(tiny_checkpoints, tiny_assistant, capsys, monkeypatch):
+    """A sliding window of `window` keys instead of the reference's `window + 1` moves the draft logits."""
+    from edge_gemma.model import drafter as drafter_module
+
+    original = drafter_module.drafter_masks
+    monkeypatch.setattr(drafter_module, "drafter_masks", lambda p, k, w: original(p, k, w - 1))
+    rc, report = run_drafter_json(tiny_checkpoints["perturbed"], tiny_assistant, capsys)
+    assert rc == 1
+    assert report["drafter_max_abs_logit_diff"] > 1e-4
+    assert report["assisted_tokens_equal"] == report["assisted_tokens_total"]  # a worse drafter, the same tokens

@@ -113,3 +113,40 @@ def write_checkpoint(
     model = model.to(dtype)
     model.save_pretrained(out)
     return out
+
+
+def assistant_config(variant: str = "a", *, ordered: bool = False, layers: int = 2):
+    """A tiny `Gemma4AssistantConfig` for the target of `variant`: `layers` KV-shared layers alternating sliding and
+    full (the target's head sizes and KV heads), hidden 64; with `ordered`, a centroid head of 16 centroids, top 4."""
+    from transformers import Gemma4AssistantConfig, Gemma4TextConfig
+
+    tv = TEXT_VARIANTS[variant]
+    text = Gemma4TextConfig(
+        vocab_size=VOCAB, vocab_size_per_layer_input=0, hidden_size=64, hidden_size_per_layer_input=0,
+        intermediate_size=128, num_hidden_layers=layers,
+        layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
+        num_attention_heads=4, num_key_value_heads=tv["num_key_value_heads"], head_dim=tv["head_dim"],
+        global_head_dim=tv["global_head_dim"], num_kv_shared_layers=layers, sliding_window=tv["sliding_window"],
+        final_logit_softcapping=30.0, max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    return Gemma4AssistantConfig(text_config=text.to_dict(), backbone_hidden_size=128, use_ordered_embeddings=ordered,
+                                 num_centroids=16, centroid_intermediate_top_k=4)
+
+
+def write_assistant(out: Path, variant: str = "a", *, seed: int = 0, ordered: bool = False) -> Path:
+    """Build a tiny reference assistant (random weights, a random token ordering) and `save_pretrained` it."""
+    from transformers import Gemma4AssistantForCausalLM
+
+    torch.manual_seed(seed)
+    model = Gemma4AssistantForCausalLM(assistant_config(variant, ordered=ordered)).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 100)
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5))
+            else:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+        if ordered:
+            model.masked_embedding.token_ordering.copy_(torch.randperm(VOCAB, generator=g))
+    model.save_pretrained(out)
+    return out

@@ -276,6 +276,23 @@ class TextDecoder(nn.Module):
         if hasattr(self.masks, "reset"):
             self.masks.reset()
 
+    def draft_kv(self) -> tuple[dict[bool, tuple[torch.Tensor, torch.Tensor]], dict[bool, torch.Tensor]]:
+        """What a drafter reads (`model/drafter.py`): `({sliding: (k, v)}, {sliding: key positions (T,)})`, the cache
+        buffers of the last cache-owning layer of each kind (the layers the KV-shared layers read) and the position
+        each of their slots holds (-1: none yet; a static cache's slot j holds position j)."""
+        kv, positions = {}, {}
+        for sliding in (True, False):
+            layers = [i for i in self.cfg.cache_layers if self.cfg.is_full(i) != sliding]
+            if not layers:
+                continue
+            cache = self.layers[layers[-1]].self_attn.kv_cache
+            if not hasattr(cache, "k_cache"):
+                raise ValueError("a drafter reads the target's static caches: call setup_caches first")
+            kv[sliding] = (cache.k_cache, cache.v_cache)
+            ring = sliding and hasattr(self.masks, "slot_pos")
+            positions[sliding] = self.masks.slot_pos if ring else torch.arange(cache.k_cache.shape[2])
+        return kv, positions
+
     @property
     def kv_caches(self) -> list[nn.Module]:
         """The caches that hold state (one per KV-producing layer once `setup_caches` ran)."""
