@@ -72,12 +72,14 @@ class Model:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         ignore_eos: bool = False,
+        draft: str | int = "auto",
     ) -> GenerationOptions:
         return GenerationOptions(
             max_new_tokens=max_new_tokens,
             sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty, seed=seed),
             ignore_eos=ignore_eos,
+            draft=draft,
         )
 
     def generate(
@@ -90,7 +92,7 @@ class Model:
         **sampling: Any,
     ) -> Generation:
         """Stream the answer (text pieces). Keyword arguments: max_new_tokens, temperature, top_k, top_p,
-        repetition_penalty, seed, ignore_eos. `.completion` (after the loop) has the tool calls and the stats."""
+        repetition_penalty, seed, ignore_eos, draft ("auto", "off" or 1..8 drafts per round). `.completion` (after the loop) has the tool calls and the stats."""
         return self.engine.generate(
             _messages(messages, system), tools=tools, options=self.options(**sampling), enable_thinking=enable_thinking
         )
@@ -164,11 +166,13 @@ def open_checkpoint(
     tokenizer_dir: str | Path | None = None,
     max_soft_tokens: int = 280,
     threads: int | None = None,
+    drafter: str | Path | bool | None = None,
 ) -> Model:
     """The eager reference model (torch) on a float or quantized checkpoint, behind the same API. `threads` sets
-    torch's (process-wide) intra-op thread count."""
+    torch's (process-wide) intra-op thread count. `drafter`: a Gemma 4 assistant checkpoint directory for speculative
+    decoding; None: the embedded model's own drafter for `default`, none otherwise; False: none."""
     from edge_gemma.eager_backend import EagerBackend
-    from edge_gemma.paths import resolve_checkpoint
+    from edge_gemma.paths import DEFAULT_CHECKPOINT, DEFAULT_DRAFTER, resolve_checkpoint
 
     if threads:
         import torch
@@ -176,7 +180,10 @@ def open_checkpoint(
         torch.set_num_threads(int(threads))
 
     path = resolve_checkpoint(checkpoint)
-    be = EagerBackend.from_checkpoint(path, context=context, max_prefill_chunk=prefill_chunk)
+    if drafter is None:
+        drafter = DEFAULT_DRAFTER if path == DEFAULT_CHECKPOINT else False
+    be = EagerBackend.from_checkpoint(path, context=context, max_prefill_chunk=prefill_chunk,
+                                      drafter=None if drafter is False else drafter)
     config = be.config
     processor = Processor.from_dir(tokenizer_dir or path, max_soft_tokens=max_soft_tokens)
     engine = Engine(

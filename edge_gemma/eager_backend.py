@@ -94,11 +94,14 @@ class EagerBackend(Backend):
 
     name = "eager"
 
-    def __init__(self, model: Gemma4Model, *, max_prefill_chunk: int = 512, has_ple: bool = True):
+    def __init__(self, model: Gemma4Model, *, max_prefill_chunk: int = 512, has_ple: bool = True,
+                 drafter: torch.nn.Module | None = None):
         if model.language_model.max_len is None:
             raise BackendError("eager backend: the model has no KV caches (build it with a context length)")
         self.model = model
         self.has_ple = has_ple
+        self.drafter = drafter  # edge_gemma.model.drafter.Drafter, for speculative decoding
+        self._last_hidden: torch.Tensor | None = None
         cfg = model.cfg
         self.config = cfg
         self.capabilities = Capabilities(
@@ -108,14 +111,21 @@ class EagerBackend(Backend):
             vocab_size=cfg.text.vocab_size,
             vision=model.vision_tower is not None,
             audio=model.audio_tower is not None,
+            drafter=drafter is not None,
         )
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, context: int, max_prefill_chunk: int = 512,
-                        skip_ple: bool = False) -> "EagerBackend":
+                        skip_ple: bool = False, drafter: str | Path | None = None) -> "EagerBackend":
+        """`drafter`: a Gemma 4 assistant checkpoint directory for speculative decoding (`edge_gemma/drafter.py`)."""
         skip = skip_ple and is_quantized_checkpoint(path)
-        return cls(load_eager_model(path, context=context, skip_ple=skip), max_prefill_chunk=max_prefill_chunk,
-                   has_ple=not skip)
+        model = load_eager_model(path, context=context, skip_ple=skip)
+        draft_model = None
+        if drafter is not None:
+            from edge_gemma.drafter import load_drafter
+
+            draft_model = load_drafter(drafter, model.cfg.text)
+        return cls(model, max_prefill_chunk=max_prefill_chunk, has_ple=not skip, drafter=draft_model)
 
     def ple_source(self) -> ModelPle:
         if not self.has_ple:
@@ -139,8 +149,48 @@ class EagerBackend(Backend):
                                f"{self.capabilities.context}")
         e = torch.from_numpy(np.asarray(embeds, np.float32)).unsqueeze(0)  # (1, S, H)
         r = torch.from_numpy(np.asarray(ple_rows, np.float32)).unsqueeze(0)  # (1, S, L, P)
-        logits = self.model.language_model(e, r, pos, last_only=True)  # (1, 1, V)
-        return logits[0, -1].float().numpy()
+        lm = self.model.language_model
+        h = lm.hidden_states(e, r, pos, last_only=True)  # (1, 1, H)
+        self._last_hidden = h[0, -1]
+        return lm.logits(h)[0, -1].float().numpy()
+
+    # -- speculative decoding (runtimes/base.py) ----------------------------------------------------------------
+
+    def last_hidden(self) -> np.ndarray:
+        if self.drafter is None:
+            return super().last_hidden()
+        if self._last_hidden is None:
+            raise BackendError("eager backend: no hidden state yet (call prefill first)")
+        return self._last_hidden.float().numpy().copy()
+
+    @torch.no_grad()
+    def verify(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.drafter is None:
+            return super().verify(embeds, ple_rows, positions)
+        pos = torch.from_numpy(np.asarray(positions, np.int64).reshape(-1))
+        if int(pos.max()) >= self.capabilities.context:
+            raise BackendError(f"eager backend: position {int(pos.max())} is beyond the context "
+                               f"{self.capabilities.context}")
+        e = torch.from_numpy(np.asarray(embeds, np.float32)).unsqueeze(0)
+        r = torch.from_numpy(np.asarray(ple_rows, np.float32)).unsqueeze(0)
+        lm = self.model.language_model
+        h = lm.hidden_states(e, r, pos)  # (1, n, H)
+        self._last_hidden = h[0, -1]
+        return lm.logits(h)[0].float().numpy(), h[0].float().numpy()
+
+    @torch.no_grad()
+    def draft(self, token_embed: np.ndarray, hidden: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.drafter is None:
+            return super().draft(token_embed, hidden, position)
+        from edge_gemma.model.drafter import drafter_masks
+
+        kv, key_positions = self.model.language_model.draft_kv()
+        p = torch.tensor([[int(position)]])
+        masks = drafter_masks(p, key_positions, self.drafter.cfg.sliding_window)
+        e = torch.from_numpy(np.asarray(token_embed, np.float32).reshape(1, 1, -1))
+        s = torch.from_numpy(np.asarray(hidden, np.float32).reshape(1, 1, -1))
+        logits, projected = self.drafter(e, s, p, kv, masks)
+        return logits[0, 0].float().numpy(), projected[0, 0].float().numpy()
 
     @torch.no_grad()
     def encode_image(self, pixel_values: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -160,6 +210,7 @@ class EagerBackend(Backend):
 
     def reset(self) -> None:
         self.model.language_model.reset_caches()
+        self._last_hidden = None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "context": self.capabilities.context}

@@ -24,6 +24,17 @@ Contract, all numpy, batch size 1 (shapes without the batch dimension):
 * `reset()`: forget every cached position (a new conversation). Positions already written may be overwritten by a
   later `prefill`/`decode` at the same positions (the engine rewinds a conversation that way).
 
+Speculative decoding (only a backend whose `capabilities.drafter` is true; the engine's loop is in `engine.py`):
+
+* `last_hidden() -> [H] float32`: the target's final normed hidden state at the last position of the most recent
+  `prefill`/`decode` call (what the drafter's first step reads).
+* `verify(embeds [n, H], ple_rows [n, L, P], positions [n]) -> (logits [n, V], hidden [n, H])`: `prefill`, but the
+  logits and final normed hidden states of EVERY position (n is small: the last token and the drafts).
+* `draft(token_embed [H], hidden [H], position) -> (logits [V], projected [H])`: one step of the artifact's drafter
+  at `position` (the position of `token`, which the target has not run yet), reading the target's caches at the
+  positions before it; `hidden` is `last_hidden()`, a row of `verify`'s hidden, or the previous step's `projected`.
+  Cache slots at or beyond `position` may hold rejected drafts: they are never read (the masks are by position).
+
 No torch here: a Raspberry Pi runs this with numpy and one backend wheel.
 """
 
@@ -50,6 +61,7 @@ class Capabilities:
     vocab_size: int
     vision: bool
     audio: bool
+    drafter: bool = False  # `last_hidden`, `verify` and `draft` work (the artifact has a drafter)
 
 
 class Backend(abc.ABC):
@@ -76,6 +88,15 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def reset(self) -> None: ...
+
+    def last_hidden(self) -> np.ndarray:
+        raise BackendError(f"the {self.name} backend of this artifact has no drafter")
+
+    def verify(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise BackendError(f"the {self.name} backend of this artifact has no drafter")
+
+    def draft(self, token_embed: np.ndarray, hidden: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
+        raise BackendError(f"the {self.name} backend of this artifact has no drafter")
 
     def close(self) -> None:
         """Release sessions and memory maps."""

@@ -45,6 +45,7 @@ from edge_gemma.processor import AUDIO, IMAGE, ProcessedPrompt, Processor
 
 from .base import Backend, BackendError
 from .sampling import Sampler, SamplingConfig
+from .speculative import DraftController, parse_draft
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,14 @@ class GenerationOptions:
     max_new_tokens: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     ignore_eos: bool = False  # keep going past stop tokens (benchmarks measure a fixed number of tokens)
+    # speculative decoding: "auto" (the controller decides, when the backend has a drafter), "off", or 1..8 drafts
+    # per round (an error without a drafter). Greedy only: with sampling, "auto" decodes plainly and N is refused.
+    draft: str | int = "auto"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "draft", parse_draft(self.draft))
 
 
 def peak_rss_mb() -> float:
@@ -111,6 +116,10 @@ class GenerationStats:
     decode_steps: int
     peak_rss_mb: float
     stop_reason: str  # "stop_token" | "max_new_tokens" | "context_full" | "interrupted"
+    # speculative decoding (None when no round drafted): accepted / drafted, accepted drafts per round, drafts per round
+    draft_acceptance: float | None = None
+    mean_accepted_tokens: float | None = None
+    draft_len: float | None = None
 
     @property
     def prefill_tok_s(self) -> float | None:
@@ -129,10 +138,12 @@ class GenerationStats:
         def rate(x: float | None) -> str:
             return "n/a" if x is None else f"{x:.1f} tok/s"
 
+        drafts = ("" if self.draft_acceptance is None else
+                  f" | drafts {self.draft_len:.1f}/round, {self.draft_acceptance:.0%} accepted")
         return (
             f"prompt {self.prompt_tokens} tok ({self.reused_tokens} reused, {self.prefilled_tokens} prefilled), "
             f"{self.new_tokens} new | ttft {self.ttft_s * 1000:.0f} ms | prefill {rate(self.prefill_tok_s)} | "
-            f"decode {rate(self.decode_tok_s)} | encoders {self.encoder_ms:.0f} ms | peak RSS "
+            f"decode {rate(self.decode_tok_s)}{drafts} | encoders {self.encoder_ms:.0f} ms | peak RSS "
             f"{self.peak_rss_mb:.0f} MB | stop: {self.stop_reason}"
         )
 
@@ -373,6 +384,13 @@ class Engine:
             raise BackendError(f"the {self.backend.name} backend of this artifact has no audio encoder "
                                "(exported --text-only?); it cannot take audio")
         self._check_fits(S)
+        if isinstance(options.draft, int):
+            if not caps.drafter:
+                raise EngineError(f"draft={options.draft}: the {self.backend.name} backend of this artifact has no "
+                                  "drafter (export it with one, or use draft 'auto' / 'off')")
+            if not options.sampling.greedy:
+                raise EngineError(f"draft={options.draft}: speculative decoding runs with greedy decoding only "
+                                  "(temperature 0) for now; use draft 'off' to sample")
         if self._busy:
             raise EngineError(BUSY)
         return self._locked(prompt, ids, S, options, t0)
@@ -415,44 +433,62 @@ class Engine:
         prefill_s = time.perf_counter() - t_prefill
         log.debug("prefilled %d of %d prompt tokens (%d reused)", S - reuse, S, reuse)
 
-        # -- decode
+        # -- decode: the first token from the prefill's logits, then plain steps or speculative rounds
         sampler = Sampler(options.sampling)
         history = [int(i) for i in ids]
         decoder = self.tokenizer.stream_decoder(skip_special_tokens=False)
         limit = min(options.max_new_tokens, self.context - S)
+        controller = self._controller(options)
+        hidden = self.backend.last_hidden() if controller is not None else None
         out: list[int] = []
         ttft = 0.0
         decode_s = 0.0
         steps = 0
+        drafted = accepted = rounds = 0
         reason = "interrupted"
+        new = [sampler(np.asarray(logits).reshape(-1), history)]
         try:
             while True:
-                tok = sampler(np.asarray(logits).reshape(-1), history)
-                if not out:
-                    ttft = time.perf_counter() - t0
-                out.append(tok)
-                history.append(tok)
-                if tok in self.stop_ids and not options.ignore_eos:
-                    reason = "stop_token"
+                done = False
+                for tok in new:
+                    if not out:
+                        ttft = time.perf_counter() - t0
+                    else:
+                        steps += 1
+                    out.append(tok)
+                    history.append(tok)
+                    if tok in self.stop_ids and not options.ignore_eos:
+                        reason, done = "stop_token", True
+                        break
+                    piece = decoder.feed(tok)
+                    if piece:
+                        yield piece
+                    if len(out) >= limit:
+                        reason = "max_new_tokens" if len(out) >= options.max_new_tokens else "context_full"
+                        if reason == "context_full":
+                            log.warning("the context (%d positions) is full; generation stopped", self.context)
+                        done = True
+                        break
+                if done:
                     break
-                piece = decoder.feed(tok)
-                if piece:
-                    yield piece
-                if len(out) >= limit:
-                    reason = "max_new_tokens" if len(out) >= options.max_new_tokens else "context_full"
-                    if reason == "context_full":
-                        log.warning("the context (%d positions) is full; generation stopped", self.context)
-                    break
-                pos = S + len(out) - 1
+                pos = S + len(out) - 1  # the last token's position: not in the cache yet
                 t = time.perf_counter()
-                tid = np.asarray([tok], np.int64)
-                pid = self.ple_ids(tid)
-                logits = self.backend.decode(
-                    np.asarray(self.backend.embed(pid), np.float32), self.ple.gather(pid), np.asarray([pos], np.int64)
-                )
-                self._cache_keys.append(tok)
+                # drafts may not run past the limit (the round adds them plus one) nor past the context
+                k = controller.next_len(min(limit - len(out) - 1, self.context - pos - 1)) if controller else 0
+                if k == 0:
+                    tid = np.asarray([out[-1]], np.int64)
+                    pid = self.ple_ids(tid)
+                    logits = self.backend.decode(np.asarray(self.backend.embed(pid), np.float32), self.ple.gather(pid),
+                                                 np.asarray([pos], np.int64))
+                    self._cache_keys.append(out[-1])
+                    new = [sampler(np.asarray(logits).reshape(-1), history)]
+                    if controller is not None:
+                        hidden = self.backend.last_hidden()
+                        controller.record_plain(time.perf_counter() - t)
+                else:
+                    new, hidden, n = self._speculative_round(out[-1], hidden, pos, k, sampler, history, controller)
+                    drafted, accepted, rounds = drafted + k, accepted + n, rounds + 1
                 decode_s += time.perf_counter() - t
-                steps += 1
             tail = decoder.flush()
             if tail:
                 yield tail
@@ -461,10 +497,50 @@ class Engine:
                 prompt_tokens=S, reused_tokens=reuse, prefilled_tokens=S - reuse, new_tokens=len(out),
                 encoder_ms=encoder_ms, ttft_s=ttft, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
                 peak_rss_mb=peak_rss_mb(), stop_reason=reason,
+                draft_acceptance=accepted / drafted if drafted else None,
+                mean_accepted_tokens=accepted / rounds if rounds else None,
+                draft_len=drafted / rounds if rounds else None,
             )
             self.last_stats = stats
         text = self.tokenizer.decode(out)
         return Completion(text=text, response=_parse(text), token_ids=tuple(out), stats=stats)
+
+    def _controller(self, options: GenerationOptions) -> DraftController | None:
+        """The draft-length controller of this generation, or None for plain decoding."""
+        if options.draft == "off" or not self.backend.capabilities.drafter or not options.sampling.greedy:
+            return None
+        return DraftController(fixed=options.draft if isinstance(options.draft, int) else None)
+
+    def _speculative_round(self, last: int, hidden: np.ndarray, pos: int, k: int, sampler: Sampler,
+                           history: list[int], controller: DraftController) -> tuple[list[int], np.ndarray, int]:
+        """Draft k tokens after `last` (at `pos`, not cached yet), verify them in one target call, and return the
+        tokens to emit (the accepted drafts and the target's next token), the hidden state the next round starts
+        from, and the number of accepted drafts. The cache keeps positions pos .. pos + accepted; the slots of the
+        rejected drafts lie beyond them, in the future of every later query, and are overwritten later."""
+        t = time.perf_counter()
+        drafts: list[int] = []
+        tok, state = last, hidden
+        for _ in range(k):
+            emb = np.asarray(self.backend.embed(self.ple_ids(np.asarray([tok], np.int64))), np.float32)[0]
+            draft_logits, state = self.backend.draft(emb, state, pos)
+            tok = int(np.argmax(draft_logits))
+            drafts.append(tok)
+        t_verify = time.perf_counter()
+        chunk = np.asarray([last, *drafts], np.int64)
+        pid = self.ple_ids(chunk)
+        logits, hid = self.backend.verify(np.asarray(self.backend.embed(pid), np.float32), self.ple.gather(pid),
+                                          np.arange(pos, pos + k + 1, dtype=np.int64))
+        done = time.perf_counter()
+        new: list[int] = []
+        for j in range(k + 1):  # the target's greedy choice after the tokens kept so far
+            choice = sampler(np.asarray(logits[j]).reshape(-1), history + new)
+            new.append(choice)
+            if j == k or choice != drafts[j]:
+                break
+        n = len(new) - 1
+        self._cache_keys.extend(int(i) for i in chunk[: n + 1])
+        controller.record_round(k, n, t_verify - t, done - t_verify)
+        return new, np.asarray(hid[n]), n
 
     # ------------------------------------------------------------------------------------------ conversations
     def conversation(

@@ -6,6 +6,8 @@ sequence every step, merges soft tokens with the model's own `embed`), and the p
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import subprocess
 import sys
@@ -109,7 +111,9 @@ class ForcedBackend(Backend):
     name = "forced"
 
     def __init__(self, inner: Backend, script: list[int]):
-        self.inner, self.script, self.capabilities = inner, list(script), inner.capabilities
+        # no drafting: the script forces prefill/decode logits only
+        self.inner, self.script = inner, list(script)
+        self.capabilities = dataclasses.replace(inner.capabilities, drafter=False)
         self.step = 0
 
     def embed(self, ids):
@@ -173,7 +177,7 @@ class CountingBackend(Backend):
     name = "counting"
 
     def __init__(self, inner: Backend):
-        self.inner, self.capabilities = inner, inner.capabilities
+        self.inner, self.capabilities = inner, dataclasses.replace(inner.capabilities, drafter=False)  # counts prefill/decode
         self.prefilled: list[int] = []
 
     def embed(self, ids):

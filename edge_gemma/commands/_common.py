@@ -53,11 +53,20 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
                         help="in (0, 1]; 1 = off")
     parser.add_argument("--repetition-penalty", type=_number(float, low=0.0, low_open=True), default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (the same seed, the same answer)")
+    add_draft_argument(parser)
+
+
+def add_draft_argument(parser: argparse.ArgumentParser) -> None:
+    from edge_gemma.runtimes.speculative import parse_draft
+
+    parser.add_argument("--draft", type=parse_draft, default="auto", metavar="auto|off|N",
+                        help="speculative decoding with the model's drafter: auto (default; plain decoding when there "
+                             "is no drafter or when sampling), off, or N drafts per round (1..8; greedy only)")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, draft=args.draft)
 
 
 def is_artifact(path: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from edge_gemma.runtimes.budget import budget_for, verdict
 
-from ._common import add_model_arguments
+from ._common import add_draft_argument, add_model_arguments
 
 DEFAULT_PROMPT_TOKENS = 128
 
@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"prompt length (default: the budget's TTFT prompt length, else {DEFAULT_PROMPT_TOKENS})")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--ignore-eos", action="store_true", help="decode past stop tokens")
+    add_draft_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the measurement (and verdict) as JSON on stdout")
     parser.add_argument("--from-json", metavar="FILE", help="judge this saved measurement instead of running")
 
@@ -124,7 +125,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if n < 1 or args.new_tokens < 1:
             raise ValueError("--prompt-tokens and --new-tokens must be >= 1")
         ids = prompt_ids(model.processor.tokenizer, n)
-        opts = model.options(max_new_tokens=args.new_tokens, ignore_eos=args.ignore_eos)
+        opts = model.options(max_new_tokens=args.new_tokens, ignore_eos=args.ignore_eos, draft=args.draft)
         stats = model.engine.generate_ids(ids, options=opts).result().stats
         ple = None
         if model.artifact is not None and "ple" in model.artifact.manifest:
@@ -146,6 +147,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
             "ttft_s": stats.ttft_s, "prefill_tok_s": stats.prefill_tok_s, "decode_tok_s": stats.decode_tok_s,
             "peak_rss_mb": stats.peak_rss_mb, "stop_reason": stats.stop_reason,
+            # speculative decoding (None: no round drafted)
+            "draft_acceptance": stats.draft_acceptance, "mean_accepted_tokens": stats.mean_accepted_tokens,
+            "draft_len": stats.draft_len,
             "ple": ple,  # the PLE table's resident pages after the generation (None: not an artifact, or no /proc)
         }
 
@@ -209,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  time to first token  {fmt(m.get('ttft_s'), 's')}")
         print(f"  prefill              {fmt(m.get('prefill_tok_s'), 'tok/s')}")
         print(f"  decode               {fmt(m.get('decode_tok_s'), 'tok/s')}")
+        if m.get("draft_acceptance") is not None:
+            print(f"  drafts               {m['draft_len']:.2f} per round, {m['draft_acceptance']:.1%} accepted, "
+                  f"{m['mean_accepted_tokens']:.2f} accepted per round")
         print(f"  peak RSS             {fmt(m.get('peak_rss_mb'), 'MB')}")
         if m.get("ple"):
             p = m["ple"]

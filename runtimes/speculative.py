@@ -1,0 +1,99 @@
+"""Speculative decoding, the backend-agnostic parts: the `--draft` setting and the draft-length controller.
+
+The engine's loop (`engine.py`) drafts k tokens with the artifact's drafter at the position of the last token
+(`Backend.draft`), runs the target once over the last token and the drafts (`Backend.verify`), keeps the drafts up to
+the first one the target's own choice disagrees with, plus that choice. Greedy output is therefore the output of plain
+greedy decoding whatever the drafter proposes; only the speed changes.
+
+`DraftController` picks k for each round. Fixed (`--draft N`): k = N. `auto`: from what it measures in this
+generation -- the share of drafts accepted (alpha, a decayed estimate) and the costs of one draft step (t_d), of a
+plain decode step (t_1) and of verify calls (modelled as t_1 * (1 + beta * k), beta fitted online) -- it picks the k
+in 0..`MAX_DRAFT` that maximizes the expected tokens per second, where a round of k drafts yields
+`1 + alpha + ... + alpha^k` tokens on average (drafts accepted left to right, each with probability alpha) in
+`k * t_d + t_1 * (1 + beta * k)` seconds and plain decoding 1 token in t_1. k = 0 is plain decoding; after
+`PROBE_EVERY` plain steps in a row it drafts once more (k = 1), so a change in acceptance is noticed.
+
+No torch here.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DraftController", "MAX_DRAFT", "parse_draft"]
+
+MAX_DRAFT = 8
+PROBE_EVERY = 16
+_DECAY = 0.9  # weight of the past in the acceptance and cost estimates, per observation
+
+
+def parse_draft(value: str | int | None) -> str | int:
+    """`auto`, `off` or a draft length 1..`MAX_DRAFT` (an int or its string) -> "auto" | "off" | int."""
+    if value is None:
+        return "auto"
+    if isinstance(value, str) and value.strip().lower() in ("auto", "off"):
+        return value.strip().lower()
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"draft must be 'auto', 'off' or a number of draft tokens 1..{MAX_DRAFT}, "
+                         f"found {value!r}") from None
+    if not 1 <= n <= MAX_DRAFT or isinstance(value, bool):
+        raise ValueError(f"draft must be 'auto', 'off' or a number of draft tokens 1..{MAX_DRAFT}, found {value!r}")
+    return n
+
+
+class DraftController:
+    """The draft length of each round (module docstring). `fixed`: always that many (capped by `remaining`)."""
+
+    def __init__(self, fixed: int | None = None, max_draft: int = MAX_DRAFT):
+        self.fixed, self.max_draft = fixed, max_draft
+        self.accepted = self.drafted = 0.0  # decayed counts: alpha = (accepted + 1) / (drafted + 2)
+        self.t_draft: float | None = None  # seconds per draft step
+        self.t_step: float | None = None  # seconds per plain decode step
+        self.beta = 0.15  # verify cost per extra token, relative to a plain step (prior, then fitted)
+        self.plain_run = 0
+        self.rounds = 0
+
+    @property
+    def alpha(self) -> float:
+        return (self.accepted + 1.0) / (self.drafted + 2.0)
+
+    def expected_rate(self, k: int) -> float:
+        """Expected tokens per second with k drafts (k = 0: plain decoding); needs the costs measured."""
+        t1 = self.t_step or 1.0
+        if k == 0:
+            return 1.0 / t1
+        a = self.alpha
+        tokens = sum(a**i for i in range(k + 1))
+        return tokens / (k * (self.t_draft or 0.0) + t1 * (1.0 + self.beta * k))
+
+    def next_len(self, remaining: int) -> int:
+        """Drafts for the next round (0: a plain step); `remaining`: tokens still allowed after the next one."""
+        cap = max(0, min(self.max_draft, remaining))
+        if self.fixed is not None:
+            return min(self.fixed, cap)
+        if cap == 0:
+            return 0
+        if self.t_step is None:  # measure a plain step first, then a small round
+            return 0
+        if self.t_draft is None:
+            return min(2, cap)
+        best = max(range(cap + 1), key=self.expected_rate)
+        if best == 0 and self.plain_run >= PROBE_EVERY:
+            return 1
+        return best
+
+    def record_plain(self, seconds: float) -> None:
+        self.t_step = seconds if self.t_step is None else _DECAY * self.t_step + (1 - _DECAY) * seconds
+        self.plain_run += 1
+
+    def record_round(self, drafts: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
+        self.rounds += 1
+        self.plain_run = 0
+        self.accepted = _DECAY * self.accepted + accepted
+        self.drafted = _DECAY * self.drafted + drafts
+        per_draft = draft_seconds / drafts
+        self.t_draft = per_draft if self.t_draft is None else _DECAY * self.t_draft + (1 - _DECAY) * per_draft
+        if self.t_step is None:  # no plain step measured: treat this verify as one with the prior beta
+            self.t_step = verify_seconds / (1.0 + self.beta * drafts)
+        beta = max(0.0, (verify_seconds / self.t_step - 1.0) / drafts)
+        self.beta = _DECAY * self.beta + (1 - _DECAY) * beta
