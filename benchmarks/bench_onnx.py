@@ -179,7 +179,7 @@ def profile(args) -> dict:
     def feed(p0: int, s: int) -> dict:
         return {"inputs_embeds": rng.standard_normal((1, s, H), dtype=np.float32),
                 "ple_rows": rng.standard_normal((1, s, L, P), dtype=np.float32) * 0.1,
-                "positions": np.arange(p0, p0 + s, dtype=np.int64), **past}
+                "positions": np.arange(p0, p0 + s, dtype=np.int64), "keep": np.asarray([s - 1], np.int64), **past}
 
     t0 = time.perf_counter()
     sess.run(None, feed(0, chunk))

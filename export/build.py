@@ -80,6 +80,7 @@ class ExportJob:
     progress: bool = True
     text_only: bool = False  # embedder + decoder only: no vision/audio graphs (the artifact refuses images/audio)
     executorch_precise: bool = True  # ExecuTorch: XNNPACK's approximate transcendentals left to portable kernels
+    drafter: Path | None = None  # a Gemma 4 assistant checkpoint (checked to fit) for speculative decoding
 
     @property
     def out_dir(self) -> Path:
@@ -363,6 +364,21 @@ def backend_files(entry: dict[str, Any]) -> list[str]:
     return list(files)
 
 
+def _resolve_drafter(drafter: str | Path | bool | None, ckpt: Path, config: ModelConfig) -> Path | None:
+    """The drafter checkpoint to export (see `build_artifact`), loaded once here so that a bad one is refused before
+    anything is written."""
+    from edge_gemma.drafter import load_drafter
+    from edge_gemma.paths import DEFAULT_CHECKPOINT, DEFAULT_DRAFTER
+
+    if drafter is None:
+        drafter = DEFAULT_DRAFTER if ckpt.resolve() == DEFAULT_CHECKPOINT.resolve() else False
+    if drafter is False:
+        return None
+    path = DEFAULT_DRAFTER if str(drafter) == "default" else Path(drafter)
+    load_drafter(path, config.text)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------ build
 def build_artifact(
     checkpoint: str | Path,
@@ -380,9 +396,13 @@ def build_artifact(
     text_only: bool = False,
     executorch_precise: bool = True,
     on_backend_written: Callable[[str], None] | None = None,
+    drafter: str | Path | bool | None = None,
 ) -> BuildReport:
     """Export `checkpoint` (a directory, or `default`) to the artifact directory `out`. `text_only`: no vision/audio
-    graphs (smaller, faster export); the manifest says `"text_only": true` and the runtime refuses images and audio."""
+    graphs (smaller, faster export); the manifest says `"text_only": true` and the runtime refuses images and audio.
+    `drafter`: a Gemma 4 assistant checkpoint directory for speculative decoding, exported beside the target by the
+    backends that support it (ONNX so far); None: the embedded model's own drafter for `default`, none otherwise;
+    False: none."""
     t0 = time.perf_counter()
     backends = _check_backends(list(backends))
     ckpt = resolve_checkpoint(checkpoint)
@@ -401,6 +421,7 @@ def build_artifact(
         raise ExportError(f"--out {out} is {where} ({ckpt}); the artifact must go elsewhere (replacing it would "
                           "delete the checkpoint)")
     _check_tokenizer(ckpt)
+    drafter_dir = _resolve_drafter(drafter, ckpt, config)
     with ArtifactWriter(out, force=force) as writer:
         ref_ids = ref_logits = None
         reference = ckpt
@@ -430,7 +451,7 @@ def build_artifact(
             job = ExportJob(config=config, checkpoint=weights, quantized=quantized, recipe=str(recipe),
                             context=context, max_prefill_chunk=max_prefill_chunk, artifact_root=writer.root,
                             folder=b, caches=writer.manifest["caches"], progress=progress, text_only=text_only,
-                            executorch_precise=executorch_precise)
+                            executorch_precise=executorch_precise, drafter=drafter_dir)
             log.info("exporting %s", b)
             entry = _run_exporter(b, job)
             if not isinstance(entry, dict):

@@ -88,8 +88,21 @@ class OnnxBackend(Backend):
         for key in ("vision", "audio"):
             if files.get(key):
                 artifact.path(files[key])  # raises now if the manifest does not list it
+        # the drafter (speculative decoding): one step reads the target's cache arrays of the layers it names
+        self._drafter, self._drafter_caches = None, []
+        drafter = self.entry.get("drafter")
+        if drafter:
+            self._drafter = session("drafter")
+            if self._drafter is None:
+                raise ArtifactError(f"{artifact.root}: backends.onnx.drafter is set but files.drafter is not")
+            self._drafter_caches = [int(c["layer"]) for c in drafter.get("caches", [])]
+            unknown = sorted(set(self._drafter_caches) - {int(c["layer"]) for c in caches})
+            if unknown:
+                raise ArtifactError(f"{artifact.root}: the drafter reads the caches of layers {unknown}, which the "
+                                    "decoder does not have")
         self.capabilities = Capabilities(context=self.context, max_prefill_chunk=chunk, hidden_size=H, vocab_size=V,
-                                         vision=bool(files.get("vision")), audio=bool(files.get("audio")))
+                                         vision=bool(files.get("vision")), audio=bool(files.get("audio")),
+                                         drafter=self._drafter is not None)
 
         # caches: numpy arrays bound zero-copy as decoder inputs, grown in buckets as positions advance (see module doc)
         inputs = {i.name: i.shape for i in self._decoder.get_inputs()}
@@ -116,9 +129,11 @@ class OnnxBackend(Backend):
             self._caches.append((c, empty, empty))
         self._grow(self._initial_slots())
         self._outputs = [o.name for o in self._decoder.get_outputs()]
-        expected = ["logits"] + [n for c, _, _ in self._caches for n in (c["new_key"], c["new_value"])]
-        if self._outputs != expected:
-            raise ArtifactError(f"{artifact.root}: decoder outputs {self._outputs}, manifest implies {expected}")
+        expected = ["logits", "hidden"] + [n for c, _, _ in self._caches for n in (c["new_key"], c["new_value"])]
+        if "keep" not in inputs or self._outputs != expected:
+            raise ArtifactError(f"{artifact.root}: decoder outputs {self._outputs} (inputs {sorted(inputs)}), expected "
+                                f"{expected} and a 'keep' input (an artifact of edge-gemma before 0.2?); export it again")
+        self._hidden: np.ndarray | None = None
 
     # -- caches ---------------------------------------------------------------------------------------------------
 
@@ -153,8 +168,41 @@ class OnnxBackend(Backend):
         return self._embedder.run(None, {"ids": ids})[0]
 
     def prefill(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        embeds, ple_rows, positions = check_step_inputs("prefill", self.capabilities, self._ple, embeds, ple_rows,
-                                                            positions)
+        logits, _ = self._run("prefill", embeds, ple_rows, positions, last_only=True)
+        return logits[0]
+
+    def verify(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._drafter is None:
+            return super().verify(embeds, ple_rows, positions)
+        return self._run("verify", embeds, ple_rows, positions, last_only=False)
+
+    def last_hidden(self) -> np.ndarray:
+        if self._drafter is None:
+            return super().last_hidden()
+        if self._hidden is None:
+            raise BackendError("onnx: no hidden state yet (call prefill first)")
+        return self._hidden.copy()
+
+    def draft(self, token_embed: np.ndarray, hidden: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._drafter is None:
+            return super().draft(token_embed, hidden, position)
+        H = self.capabilities.hidden_size
+        if not 0 < int(position) <= self._slots:
+            raise ValueError(f"draft: position {position} must be in 1..{self._slots} (the positions cached so far)")
+        feed = {"token_embed": np.ascontiguousarray(token_embed, np.float32).reshape(1, 1, H),
+                "hidden": np.ascontiguousarray(hidden, np.float32).reshape(1, 1, H),
+                "position": np.asarray([int(position)], np.int64)}
+        layers = {int(c["layer"]): (k, v) for c, k, v in self._caches}
+        for i in self._drafter_caches:
+            feed[f"key_{i}"], feed[f"value_{i}"] = layers[i]
+        logits, projected = self._drafter.run(None, feed)
+        return logits[0], projected[0]
+
+    def _run(self, what: str, embeds, ple_rows, positions, *, last_only: bool) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder call: the chunk's K/V into the cache arrays; -> logits and hidden states `[n, V]`, `[n, H]`
+        of the last position (`last_only`) or of every position."""
+        embeds, ple_rows, positions = check_step_inputs(what, self.capabilities, self._ple, embeds, ple_rows,
+                                                        positions)
         S, p0 = positions.size, int(positions[0])
         if p0 + S > self._slots:  # the new K/V must land inside the arrays: grow to the next bucket
             self._grow(min(self.context, -(-(p0 + S) // CACHE_BUCKET) * CACHE_BUCKET))
@@ -162,19 +210,23 @@ class OnnxBackend(Backend):
         b.bind_cpu_input("inputs_embeds", embeds[None])
         b.bind_cpu_input("ple_rows", ple_rows[None])
         b.bind_cpu_input("positions", positions)
+        b.bind_cpu_input("keep", np.asarray([S - 1] if last_only else np.arange(S), np.int64))
         b.clear_binding_outputs()  # output shapes follow S: let ORT allocate them each call
         for name in self._outputs:
             b.bind_output(name, "cpu")
         self._decoder.run_with_iobinding(b)
         outs = b.get_outputs()
         for n, (_, k, v) in enumerate(self._caches):
-            k[:, :, p0:p0 + S] = outs[1 + 2 * n].numpy()
-            v[:, :, p0:p0 + S] = outs[2 + 2 * n].numpy()
-        return outs[0].numpy()[0].copy()
+            k[:, :, p0:p0 + S] = outs[2 + 2 * n].numpy()
+            v[:, :, p0:p0 + S] = outs[3 + 2 * n].numpy()
+        logits, hidden = outs[0].numpy()[0].copy(), outs[1].numpy()[0].copy()
+        self._hidden = hidden[-1]
+        return logits, hidden
 
     def reset(self) -> None:
         self._slots = 0  # back to one bucket: frees the memory of a long conversation
         self._grow(self._initial_slots())
+        self._hidden = None
 
     # -- towers ---------------------------------------------------------------------------------------------------
 
@@ -210,7 +262,7 @@ class OnnxBackend(Backend):
         return soft[valid.astype(bool)]
 
     def close(self) -> None:
-        self._embedder = self._decoder = None
+        self._embedder = self._decoder = self._drafter = None
         self._towers = {}
         self._binding = None
         self._keep = {}

@@ -155,8 +155,10 @@ def test_text_only_artifact_has_no_encoders_and_says_so(text_only):
     assert m["text_only"] is True
     files = m["backends"]["onnx"]["files"]
     assert files["vision"] is None and files["audio"] is None and files["decoder"] and files["embedder"]
-    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["decoder.onnx", "decoder.onnx.data",
-                                                                 "embedder.onnx", "embedder.onnx.data"]
+    # the text graphs, and the embedded model's drafter (a text graph too)
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["decoder.onnx", "decoder.onnx.data", "drafter.onnx",
+                                                                 "drafter.onnx.data", "embedder.onnx",
+                                                                 "embedder.onnx.data"]
     # the fidelity check still runs (bounded reference: text-only, bf16 weights upcast per call) and is reported
     fid = m["fidelity"]
     assert fid["tokens"] == 12 and set(fid["backends"]) >= {"onnx", "eager-dequantized"}

@@ -192,12 +192,26 @@ def ours(args, ckpt: Path, work: Path, backends: list[str]) -> Path:
            log_file=work / "logs" / "ours-quantize.log")
     artifact = work / "ours-int4"
     manifest = artifact / "manifest.json"
-    have = set(json.loads(manifest.read_text())["backends"]) if manifest.is_file() else set()
+    stamp = work / "ours-int4.exporter-sha256"  # the exporter sources that wrote the artifact (beside it, not in it)
+    digest = exporter_digest()
+    fresh = stamp.is_file() and stamp.read_text().strip() == digest
+    have = set(json.loads(manifest.read_text())["backends"]) if manifest.is_file() and fresh else set()
     if not set(backends) <= have:
         sh([CLI, "export", quantized, "--backends", ",".join(sorted(set(backends) | have)), "--out", artifact,
             "--context", "4096", "--text-only", "--no-check", "--no-progress", "--force"],
            log_file=work / "logs" / "ours-export.log")
+        stamp.write_text(digest + "\n")
     return artifact
+
+
+def exporter_digest() -> str:
+    """sha256 over the sources that decide what an artifact holds (the model, the exporters, the quantizer, the
+    artifact format): a cached artifact written by other code is exported again."""
+    h = hashlib.sha256()
+    for folder in ("edge_gemma", "export", "quantize"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            h.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def bench_ours(artifact: Path, backend: str, args) -> dict:

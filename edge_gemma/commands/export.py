@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executorch-delegate-all", action="store_true",
                         help="ExecuTorch: delegate every op to XNNPACK, its approximate gelu/tanh/exp/softmax too "
                              "(fewer partitions; logits a few hundredths off the emulated eager model)")
+    parser.add_argument("--drafter", default=None, metavar="DIR",
+                        help="a Gemma 4 assistant checkpoint for speculative decoding, exported beside the model by "
+                             "the backends that support it (ONNX so far); 'none' for no drafter (default: the "
+                             "embedded model's own drafter for 'default', none otherwise)")
     parser.add_argument("--no-check", action="store_true", help="skip the fidelity check against the float model")
     parser.add_argument("--fidelity-tokens", type=int, default=64, help="held-out tokens for the fidelity check")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force, check=not args.no_check, max_prefill_chunk=args.prefill_chunk,
         fidelity_tokens=args.fidelity_tokens, name=source.name, progress=not args.no_progress,
         text_only=args.text_only, executorch_precise=not args.executorch_delegate_all,
+        drafter=False if args.drafter == "none" else args.drafter,
     )
     print(report.format())
     return 0

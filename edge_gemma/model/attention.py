@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CacheMasks", "ChunkMasks", "GroupedSDPA", "RingCacheMasks", "last_query", "visible"]
+__all__ = ["CacheMasks", "ChunkMasks", "GroupedSDPA", "RingCacheMasks", "last_query", "select_queries", "visible"]
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None, *, causal: bool = True) -> torch.Tensor:
@@ -33,6 +33,13 @@ def last_query(mask):
     if isinstance(mask, tuple):
         return tuple(last_query(m) for m in mask)
     return mask[..., -1:, :]
+
+
+def select_queries(mask, keep: torch.Tensor):
+    """The mask's query rows `keep` (indices into dimension -2; a tuple of blocks is cut block by block)."""
+    if isinstance(mask, tuple):
+        return tuple(select_queries(m, keep) for m in mask)
+    return mask.index_select(mask.dim() - 2, keep)
 
 
 class GroupedSDPA(nn.Module):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .attention import CacheMasks, ChunkMasks, GroupedSDPA, RingCacheMasks, last_query
+from .attention import CacheMasks, ChunkMasks, GroupedSDPA, RingCacheMasks, last_query, select_queries
 from .cache import KVCache, NoCache, RingKVCache
 from .layers import RMSNorm, rotate_half
 
@@ -345,8 +345,11 @@ class TextDecoder(nn.Module):
         return self.logits(self.hidden_states(inputs_embeds, ple_rows, positions, last_only=last_only))
 
     def hidden_states(self, inputs_embeds: torch.Tensor, ple_rows: torch.Tensor, positions: torch.Tensor, *,
-                      last_only: bool = False) -> torch.Tensor:
-        """`forward` without the head: the final normed hidden states `[B, S, H]` (`[B, 1, H]` with `last_only`)."""
+                      last_only: bool = False, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` without the head: the final normed hidden states `[B, S, H]` (`[B, 1, H]` with `last_only`).
+
+        `keep` (indices into the chunk, `[n]` long): only those positions' states `[B, n, H]`; like `last_only`, the
+        KV-shared layers then run on those positions only (`last_only` is `keep = [S - 1]` without a gather)."""
         cfg = self.cfg
         pos2d = positions if positions.dim() == 2 else positions.unsqueeze(0)  # (b, S)
         input_pos = positions if positions.dim() == 1 else positions[0]  # (S,)
@@ -361,12 +364,18 @@ class TextDecoder(nn.Module):
                 h, ple = h[:, -1:], ple[:, -1:]
                 masks = {s: last_query(m) for s, m in masks.items()}
                 rope = {s: (c[:, -1:], n[:, -1:]) for s, (c, n) in rope.items()}
+            elif keep is not None and i == cfg.first_shared_layer:
+                h, ple = h.index_select(1, keep), ple.index_select(1, keep)
+                masks = {s: select_queries(m, keep) for s, m in masks.items()}
+                rope = {s: (c.index_select(1, keep), n.index_select(1, keep)) for s, (c, n) in rope.items()}
             sliding = not cfg.is_full(i)
             cos, sin = rope[sliding]
             shared = kv[self.kv_source[i]] if i >= cfg.first_shared_layer else None
             h, kv[i] = layer(h, ple[:, :, i], cos, sin, masks[sliding], input_pos, shared)
         if last_only:
             h = h[:, -1:]
+        elif keep is not None and cfg.first_shared_layer >= len(self.layers):
+            h = h.index_select(1, keep)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ Entry point for the orchestrator (`export/build.py`): `export_backend(job) -> ma
 
     {"files": {"embedder": "onnx/embedder.onnx", "decoder": ..., "vision": ... | None, "audio": ... | None},
      "context": T, "max_prefill_chunk": C, "hidden_size": H, "vocab_size": V, "ple": {"num_layers": L, "dim": P},
-     "decoder": {"inputs": ["inputs_embeds", "ple_rows", "positions", "past_key_0", "past_value_0", ...],
-                 "outputs": ["logits", "new_key_0", "new_value_0", ...]},
+     "decoder": {"inputs": ["inputs_embeds", "ple_rows", "positions", "keep", "past_key_0", "past_value_0", ...],
+                 "outputs": ["logits", "hidden", "new_key_0", "new_value_0", ...]},
      "caches": [{"layer": i, "past_key": "past_key_i", "past_value": ..., "new_key": ..., "new_value": ...,
                  "shape": [1, nkv, T, hd], "dtype": "float32"}, ...],
      "quantization": {"matmul": "MatMulNBits", "accuracy_level": 4, "tensors": {hf_name: scheme label or "float"}},
@@ -19,9 +19,14 @@ Graphs (all batch 1):
                  `GatherBlockQuantized` over the checkpoint's integers (int4: qdata as is, block G; int8: `q ^ 0x80`,
                  block `int8_block_size(H)`, row scale repeated), then Mul by sqrt(H) rounded to float32 as eager does.
   decoder.onnx   the one decoder swapped for ONNX (`swaps.py`, `graphs.CachedDecoder`): inputs_embeds [1,S,H],
-                 ple_rows [1,S,L,P] (raw PLE rows), positions [S], the old caches -> logits [1,V] of the last position
-                 and the new K/V [1,nkv,S,hd]. One graph, S dynamic (1..max_prefill_chunk): prefill and decode share
-                 the prepacked weights. The tied LM head is MatMulNBits over the same integers as the embedder's table.
+                 ple_rows [1,S,L,P] (raw PLE rows), positions [S], keep [n] (the chunk positions whose outputs are
+                 wanted), the old caches -> logits [1,n,V] and final normed hidden states [1,n,H] of those positions
+                 and the new K/V [1,nkv,S,hd]. One graph, S and n dynamic (1..max_prefill_chunk): prefill, decode and
+                 speculative verify calls share the prepacked weights. The tied LM head is MatMulNBits over the same integers as the embedder's table.
+  drafter.onnx   (with a drafter, `graphs.DrafterGraph`) one draft step: token_embed [1,1,H], hidden [1,1,H],
+                 position [1], the K/V of the target's last sliding and full cache layers [1,nkv,T,hd] (T dynamic)
+                 -> logits [1,V], projected [1,H]. Float32 weights (the embedded model's drafter is 0.7 M parameters;
+                 quantizing a full-size drafter with the recipes is not done yet).
   vision.onnx    pixel_values [Np, 3p^2], position_ids [Np, 2] -> soft tokens [Np/k^2, H], valid [Np/k^2].
   audio.onnx     features [T, 128], mask [T] -> soft tokens [T/4, H], valid [T/4]; T a multiple of 48 frames (the
                  manifest's `audio.frame_multiple`): the runtime pads with masked frames (`audio_frame_layout`).
@@ -49,7 +54,7 @@ from edge_gemma.config import ModelConfig
 from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel, Scheme
 
 from ..common import AudioGraph, ExportModel, VisionGraph, load_export_model
-from .graphs import CachedDecoder, cache_names
+from .graphs import CachedDecoder, DrafterGraph, cache_names
 from .ops import ACCURACY_LEVEL, TRANSLATION_TABLE, QuantLinear, int8_block_size
 
 __all__ = ["OPSET", "OnnxExportError", "OnnxLinears", "audio_frame_layout", "export_backend", "export_onnx",
@@ -193,12 +198,12 @@ def write_audio_graph(em: ExportModel, path: Path) -> dict[str, int]:
 def export_backend(job) -> dict[str, Any]:
     """`export/build.py`'s hook: write `<artifact>/onnx/` from `job.checkpoint`."""
     return export_onnx(job.checkpoint, job.out_dir, context=job.context, max_prefill_chunk=job.max_prefill_chunk,
-                       text_only=job.text_only, rel_prefix=job.folder)
+                       text_only=job.text_only, rel_prefix=job.folder, drafter=job.drafter)
 
 
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, *, context: int,
                 max_prefill_chunk: int = DEFAULT_PREFILL_CHUNK, text_only: bool = False,
-                rel_prefix: str = "onnx") -> dict[str, Any]:
+                rel_prefix: str = "onnx", drafter: str | Path | None = None) -> dict[str, Any]:
     """Write `out_dir/*.onnx` and return the "onnx" backend's manifest entry (see the module docstring); its paths are
     relative to the artifact root, i.e. prefixed by `rel_prefix`."""
     if context < 2:
@@ -232,13 +237,17 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, *, context: int,
                               "new_key": f"new_key_{i}", "new_value": f"new_value_{i}", "shape": list(shape),
                               "dtype": "float32"})
     seq = torch.export.Dim("seq", min=1, max=chunk)
-    args = (torch.zeros(1, S0, H), torch.zeros(1, S0, L, P), torch.arange(S0), list(caches))
+    kept = torch.export.Dim("kept", min=1, max=chunk)
+    args = (torch.zeros(1, S0, H), torch.zeros(1, S0, L, P), torch.arange(S0), torch.arange(S0 - 1), list(caches))
     # the old caches' slot count is dynamic too: the runtime passes only the slots in use (rounded up to a bucket)
     past_len = torch.export.Dim("past_len", min=1, max=context)
-    dyn = ({1: seq}, {1: seq}, {0: seq}, [{2: past_len}] * len(caches))  # *past is one pytree node
-    in_names = ["inputs_embeds", "ple_rows", "positions", *past_names]
-    out_names = ["logits", *new_names]
+    dyn = ({1: seq}, {1: seq}, {0: seq}, {0: kept}, [{2: past_len}] * len(caches))  # *past is one pytree node
+    in_names = ["inputs_embeds", "ple_rows", "positions", "keep", *past_names]
+    out_names = ["logits", "hidden", *new_names]
     _torch_export(decoder, args, dyn, in_names, out_names, path("decoder"))
+    drafter_entry = write_drafter_graph(Path(drafter), text, out_dir, rel_prefix, context) if drafter else None
+    if drafter_entry:
+        files["drafter"] = drafter_entry["file"]
     # The text weights are written: drop them before the towers are traced, so that the text model's quantized
     # buffers and the towers' float weights are never resident together (this lowers the export's peak).
     del caches, args, decoder, lm
@@ -277,4 +286,29 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, *, context: int,
                          "tensors": em.schemes},
         "opset": OPSET,
         "audio": audio,
+        "drafter": drafter_entry,
     }
+
+
+def write_drafter_graph(drafter_dir: Path, text, out_dir: Path, rel_prefix: str, context: int) -> dict[str, Any]:
+    """`drafter.onnx` (`graphs.DrafterGraph`) from a Gemma 4 assistant checkpoint; -> the manifest's `drafter` entry:
+    the file, its cache inputs (which target cache layer feeds each) and the drafter's size."""
+    from edge_gemma.drafter import load_drafter
+
+    log.info("onnx: drafter graph (%s)", drafter_dir)
+    graph = DrafterGraph(load_drafter(drafter_dir, text)).eval()
+    H, caches, names = text.hidden_size, [], []
+    layers = {kind: max(i for i in text.cache_layers if text.is_full(i) != kind) for kind in graph.kinds}
+    slots = torch.export.Dim("slots", min=1, max=context)
+    for kind in graph.kinds:
+        i = layers[kind]
+        shape = (1, text.num_key_value_heads, 8, text.head_dim_for(i))
+        caches += [torch.zeros(shape), torch.zeros(shape)]
+        names += [{"layer": i, "key": f"key_{i}", "value": f"value_{i}"}]
+    in_names = ["token_embed", "hidden", "position", *(n for c in names for n in (c["key"], c["value"]))]
+    path = out_dir / "drafter.onnx"
+    _torch_export(graph, (torch.zeros(1, 1, H), torch.zeros(1, 1, H), torch.tensor([5]), caches),
+                  (None, None, None, [{2: slots}] * len(caches)), in_names, ["logits", "projected"], path)
+    return {"file": f"{rel_prefix}/drafter.onnx", "caches": names, "inputs": in_names,
+            "source": str(drafter_dir), "parameters": sum(p.numel() for p in graph.parameters()),
+            "weights": "float32"}
