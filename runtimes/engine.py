@@ -44,8 +44,8 @@ from edge_gemma.chat import Response, ToolCallParseError, parse_response
 from edge_gemma.processor import AUDIO, IMAGE, ProcessedPrompt, Processor
 
 from .base import Backend, BackendError
-from .sampling import Sampler, SamplingConfig
-from .speculative import DraftController, parse_draft
+from .sampling import Sampler, SamplingConfig, filtered_probs
+from .speculative import DraftController, accept_sampled, parse_draft
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class GenerationOptions:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     ignore_eos: bool = False  # keep going past stop tokens (benchmarks measure a fixed number of tokens)
     # speculative decoding: "auto" (the controller decides, when the backend has a drafter), "off", or 1..8 drafts
-    # per round (an error without a drafter). Greedy only: with sampling, "auto" decodes plainly and N is refused.
+    # per round (an error without a drafter); greedy or sampled (speculative sampling keeps the target's distribution)
     draft: str | int = "auto"
 
     def __post_init__(self) -> None:
@@ -384,13 +384,9 @@ class Engine:
             raise BackendError(f"the {self.backend.name} backend of this artifact has no audio encoder "
                                "(exported --text-only?); it cannot take audio")
         self._check_fits(S)
-        if isinstance(options.draft, int):
-            if not caps.drafter:
-                raise EngineError(f"draft={options.draft}: the {self.backend.name} backend of this artifact has no "
-                                  "drafter (export it with one, or use draft 'auto' / 'off')")
-            if not options.sampling.greedy:
-                raise EngineError(f"draft={options.draft}: speculative decoding runs with greedy decoding only "
-                                  "(temperature 0) for now; use draft 'off' to sample")
+        if isinstance(options.draft, int) and not caps.drafter:
+            raise EngineError(f"draft={options.draft}: the {self.backend.name} backend of this artifact has no "
+                              "drafter (export it with one, or use draft 'auto' / 'off')")
         if self._busy:
             raise EngineError(BUSY)
         return self._locked(prompt, ids, S, options, t0)
@@ -507,7 +503,7 @@ class Engine:
 
     def _controller(self, options: GenerationOptions) -> DraftController | None:
         """The draft-length controller of this generation, or None for plain decoding."""
-        if options.draft == "off" or not self.backend.capabilities.drafter or not options.sampling.greedy:
+        if options.draft == "off" or not self.backend.capabilities.drafter:
             return None
         return DraftController(fixed=options.draft if isinstance(options.draft, int) else None)
 
@@ -518,12 +514,18 @@ class Engine:
         from, and the number of accepted drafts. The cache keeps positions pos .. pos + accepted; the slots of the
         rejected drafts lie beyond them, in the future of every later query, and are overwritten later."""
         t = time.perf_counter()
+        greedy = sampler.cfg.greedy
         drafts: list[int] = []
+        q: list[np.ndarray] = []  # the drafter's filtered distributions (sampling)
         tok, state = last, hidden
         for _ in range(k):
             emb = np.asarray(self.backend.embed(self.ple_ids(np.asarray([tok], np.int64))), np.float32)[0]
             draft_logits, state = self.backend.draft(emb, state, pos)
-            tok = int(np.argmax(draft_logits))
+            if greedy:
+                tok = int(np.argmax(draft_logits))
+            else:
+                q.append(filtered_probs(np.asarray(draft_logits).reshape(-1), sampler.cfg, history + drafts))
+                tok = int(sampler.rng.choice(q[-1].size, p=q[-1]))
             drafts.append(tok)
         t_verify = time.perf_counter()
         chunk = np.asarray([last, *drafts], np.int64)
@@ -531,12 +533,16 @@ class Engine:
         logits, hid = self.backend.verify(np.asarray(self.backend.embed(pid), np.float32), self.ple.gather(pid),
                                           np.arange(pos, pos + k + 1, dtype=np.int64))
         done = time.perf_counter()
-        new: list[int] = []
-        for j in range(k + 1):  # the target's greedy choice after the tokens kept so far
-            choice = sampler(np.asarray(logits[j]).reshape(-1), history + new)
-            new.append(choice)
-            if j == k or choice != drafts[j]:
-                break
+        if greedy:
+            new: list[int] = []
+            for j in range(k + 1):  # the target's greedy choice after the tokens kept so far
+                choice = sampler(np.asarray(logits[j]).reshape(-1), history + new)
+                new.append(choice)
+                if j == k or choice != drafts[j]:
+                    break
+        else:
+            new = accept_sampled(drafts, q, lambda j, kept: filtered_probs(np.asarray(logits[j]).reshape(-1),
+                                                                           sampler.cfg, history + kept), sampler.rng)
         n = len(new) - 1
         self._cache_keys.extend(int(i) for i in chunk[: n + 1])
         controller.record_round(k, n, t_verify - t, done - t_verify)

@@ -5,6 +5,13 @@ The engine's loop (`engine.py`) drafts k tokens with the artifact's drafter at t
 the first one the target's own choice disagrees with, plus that choice. Greedy output is therefore the output of plain
 greedy decoding whatever the drafter proposes; only the speed changes.
 
+Sampling (`accept_sampled`): speculative sampling (Leviathan et al. 2023; Chen et al. 2023). The drafts are drawn
+from the drafter's distribution q (the same filters as the target's: temperature, top-k, top-p, repetition
+penalty); draft x at step j is kept with probability min(1, p_j(x) / q_j(x)), p_j the target's filtered distribution
+after the tokens kept so far; the first rejected one is replaced by a draw from the residual max(0, p_j - q_j)
+(normalised), and when all are kept one more token is drawn from p_k. Every emitted token then has exactly the
+target's distribution: sampled output has the distribution of plain sampling, though not the same tokens for a seed.
+
 `DraftController` picks k for each round. Fixed (`--draft N`): k = N. `auto`: from what it measures in this
 generation -- the share of drafts accepted (alpha, a decayed estimate) and the costs of one draft step (t_d), of a
 plain decode step (t_1) and of verify calls (modelled as t_1 * (1 + beta * k), beta fitted online) -- it picks the k
@@ -18,7 +25,9 @@ No torch here.
 
 from __future__ import annotations
 
-__all__ = ["DraftController", "MAX_DRAFT", "parse_draft"]
+import numpy as np
+
+__all__ = ["DraftController", "MAX_DRAFT", "accept_sampled", "parse_draft"]
 
 MAX_DRAFT = 8
 PROBE_EVERY = 16
@@ -97,3 +106,21 @@ class DraftController:
             self.t_step = verify_seconds / (1.0 + self.beta * drafts)
         beta = max(0.0, (verify_seconds / self.t_step - 1.0) / drafts)
         self.beta = _DECAY * self.beta + (1 - _DECAY) * beta
+
+
+def accept_sampled(drafts: list[int], q: list[np.ndarray], p, rng: np.random.Generator) -> list[int]:
+    """Speculative sampling's acceptance (module docstring). `drafts[j]` was drawn from `q[j]`; `p(j, kept)` is the
+    target's filtered distribution at step j given the tokens `kept` so far (called in order, j = 0..len(drafts)).
+    -> the tokens to emit: the kept drafts and one token from the target's (residual) distribution."""
+    kept: list[int] = []
+    for j, x in enumerate(drafts):
+        pj = p(j, kept)
+        if rng.random() * q[j][x] < pj[x]:  # with probability min(1, p(x) / q(x)); q(x) > 0 since x ~ q
+            kept.append(x)
+            continue
+        residual = np.maximum(pj - q[j], 0.0)
+        total = residual.sum()
+        dist = residual / total if total > 0 else pj
+        return kept + [int(rng.choice(dist.size, p=dist))]
+    last = p(len(drafts), kept)
+    return kept + [int(rng.choice(last.size, p=last))]

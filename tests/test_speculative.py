@@ -82,7 +82,7 @@ def test_max_new_tokens_and_the_context_bound_the_rounds(model):
         assert got == want and len(got) == n
 
 
-def test_draft_needs_a_drafter_and_greedy_decoding(tmp_path):
+def test_draft_needs_a_drafter(tmp_path):
     plain = api.open_checkpoint("default", context=256, drafter=False)
     try:
         assert not plain.engine.backend.capabilities.drafter
@@ -91,11 +91,136 @@ def test_draft_needs_a_drafter_and_greedy_decoding(tmp_path):
         assert plain.generate("hi", max_new_tokens=4, draft="auto").result().stats.draft_acceptance is None
     finally:
         plain.close()
-    with api.open_checkpoint("default", context=256) as m:
-        with pytest.raises(EngineError, match="greedy decoding only"):
-            m.generate("hi", draft=2, temperature=0.8)
-        stats = m.generate("hi", max_new_tokens=8, temperature=0.8, seed=1).result().stats  # auto: plain sampling
-        assert stats.draft_acceptance is None
+
+
+# ------------------------------------------------------------------------------------------- speculative sampling
+class ChainBackend:
+    """A backend whose next-token logits depend on the last token only (target `T[t]`, drafter `D[t]`), so the
+    distribution of a sampled continuation can be enumerated exactly. The target emits only `TOKENS`; the drafter
+    also proposes `EXTRA`, which the target never emits (its drafts must always be rejected)."""
+
+    name = "chain"
+    TOKENS, EXTRA = (10, 11, 12, 13), 14
+    V = 2048
+
+    def __init__(self, seed: int = 0):
+        from edge_gemma.runtimes.base import Capabilities
+
+        rng = np.random.default_rng(seed)
+        self.capabilities = Capabilities(context=64, max_prefill_chunk=64, hidden_size=4, vocab_size=self.V,
+                                         vision=False, audio=False, drafter=True)
+        self.T = np.full((self.V, self.V), -1e9, np.float32)
+        self.D = np.full((self.V, self.V), -1e9, np.float32)
+        for t in self.TOKENS:
+            self.T[t, list(self.TOKENS)] = rng.normal(0.0, 0.8, len(self.TOKENS))
+            self.D[t, [*self.TOKENS, self.EXTRA]] = rng.normal(0.0, 0.8, len(self.TOKENS) + 1)
+        self.last = None
+
+    def embed(self, ids):
+        e = np.zeros((len(ids), 4), np.float32)
+        e[:, 0] = ids
+        return e
+
+    def prefill(self, embeds, ple_rows, positions):
+        self.last = int(embeds[-1, 0])
+        return self.T[self.last].copy()
+
+    decode = prefill
+
+    def last_hidden(self):
+        return np.asarray([self.last, 0, 0, 0], np.float32)
+
+    def verify(self, embeds, ple_rows, positions):
+        ids = embeds[:, 0].astype(int)
+        self.last = int(ids[-1])
+        return self.T[ids].copy(), embeds.copy()
+
+    def draft(self, token_embed, hidden, position):
+        return self.D[int(token_embed[0])].copy(), hidden
+
+    def reset(self):
+        self.last = None
+
+
+class ZeroPle:
+    def gather(self, ids):
+        return np.zeros((len(ids), 1, 1), np.float32)
+
+
+def _chain_engine():
+    from edge_gemma.paths import DEFAULT_CHECKPOINT
+    from edge_gemma.processor import Processor
+    from edge_gemma.runtimes.engine import Engine
+
+    backend = ChainBackend()
+    return backend, Engine(backend, Processor.from_dir(DEFAULT_CHECKPOINT), ZeroPle(), pad_token_id=0,
+                           multimodal_token_ids=())
+
+
+def _chi_square_p(engine, backend, draft, runs=3000, new=3, temperature=1.0) -> tuple[float, float | None]:
+    """p-value of the sampled 3-token continuations of [2, 10] against their exact distribution under the target,
+    and the mean share of drafts accepted (None without drafting)."""
+    import itertools
+
+    from scipy.stats import chisquare
+
+    from edge_gemma.runtimes.engine import GenerationOptions
+    from edge_gemma.runtimes.sampling import SamplingConfig, filtered_probs
+
+    cfg = SamplingConfig(temperature=temperature, top_k=3)
+    counts: dict[tuple, int] = {}
+    acceptance = []
+    for seed in range(runs):
+        options = GenerationOptions(max_new_tokens=new, ignore_eos=True, draft=draft,
+                                    sampling=SamplingConfig(temperature=temperature, top_k=3, seed=seed))
+        out = engine.generate_ids([2, 10], options=options).result().token_ids
+        counts[out] = counts.get(out, 0) + 1
+        if engine.last_stats.draft_acceptance is not None:
+            acceptance.append(engine.last_stats.draft_acceptance)
+    seqs = list(itertools.product(ChainBackend.TOKENS, repeat=new))
+    exact = []
+    for seq in seqs:
+        prob, prev = 1.0, 10
+        for t in seq:
+            prob *= filtered_probs(backend.T[prev], cfg)[t]
+            prev = t
+        exact.append(prob)
+    assert set(counts) <= set(seqs), "a token the target never emits was sampled"
+    observed = np.asarray([counts.get(s, 0) for s in seqs], float)
+    expected = np.asarray(exact) / sum(exact) * runs
+    keep = expected > 0
+    return float(chisquare(observed[keep], expected[keep]).pvalue), (np.mean(acceptance) if acceptance else None)
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """3000 seeded runs of 3 tokens (top-k 3 over a 4-token chain): the empirical distribution of the 64 (in effect
+    27) sequences matches the exact one under the target, with drafts of 2 and 3 as without drafting; and the same
+    test rejects a loop that keeps every draft (the drafter's distribution), so it can fail."""
+    from edge_gemma.runtimes import speculative
+
+    backend, engine = _chain_engine()
+    p, acceptance = _chi_square_p(engine, backend, "off")
+    assert p > 1e-3 and acceptance is None
+    for draft in (2, 3):
+        p, acceptance = _chi_square_p(engine, backend, draft)
+        assert p > 1e-3
+        assert 0.2 < acceptance < 0.95  # drafts were kept and rejected (the drafter's extra token never is kept)
+    original = speculative.accept_sampled
+
+    def keep_everything(drafts, q, p, rng):
+        return list(drafts) + [int(rng.choice(q[0].size, p=p(len(drafts), list(drafts))))]
+
+    try:
+        import edge_gemma.runtimes.engine as engine_module
+
+        engine_module.accept_sampled = keep_everything
+        try:  # either a token the target never emits shows up, or the distribution is far off
+            detected = _chi_square_p(engine, backend, 2)[0] < 1e-6
+        except AssertionError:
+            detected = True
+        assert detected
+    finally:
+        engine_module.accept_sampled = original
 
 
 @pytest.mark.parametrize("bad", ["0", "9", "fast", "-1", True])

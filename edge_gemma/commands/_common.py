@@ -61,7 +61,8 @@ def add_draft_argument(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--draft", type=parse_draft, default="auto", metavar="auto|off|N",
                         help="speculative decoding with the model's drafter: auto (default; plain decoding when there "
-                             "is no drafter or when sampling), off, or N drafts per round (1..8; greedy only)")
+                             "is no drafter), off, or N drafts per round (1..8). Greedy output is plain greedy's; "
+                             "sampled output keeps the model's distribution")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
