@@ -24,7 +24,8 @@ Contract, all numpy, batch size 1 (shapes without the batch dimension):
 * `reset()`: forget every cached position (a new conversation). Positions already written may be overwritten by a
   later `prefill`/`decode` at the same positions (the engine rewinds a conversation that way).
 
-Speculative decoding (only a backend whose `capabilities.drafter` is true; the engine's loop is in `engine.py`):
+Speculative decoding (the engine's loop is in `engine.py`; `draft` needs `capabilities.drafter`, the other two are
+target calls that a backend may offer without a drafter):
 
 * `last_hidden() -> [H] float32`: the target's final normed hidden state at the last position of the most recent
   `prefill`/`decode` call (what the drafter's first step reads).

@@ -532,7 +532,6 @@ class Engine:
         pid = self.ple_ids(chunk)
         logits, hid = self.backend.verify(np.asarray(self.backend.embed(pid), np.float32), self.ple.gather(pid),
                                           np.arange(pos, pos + k + 1, dtype=np.int64))
-        done = time.perf_counter()
         if greedy:
             new: list[int] = []
             for j in range(k + 1):  # the target's greedy choice after the tokens kept so far
@@ -545,7 +544,8 @@ class Engine:
                                                                            sampler.cfg, history + kept), sampler.rng)
         n = len(new) - 1
         self._cache_keys.extend(int(i) for i in chunk[: n + 1])
-        controller.record_round(k, n, t_verify - t, done - t_verify)
+        # the verify side's cost: the target call and the acceptance (sampling over k + 1 rows of logits)
+        controller.record_round(k, n, t_verify - t, time.perf_counter() - t_verify)
         return new, np.asarray(hid[n]), n
 
     # ------------------------------------------------------------------------------------------ conversations

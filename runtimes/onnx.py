@@ -172,13 +172,9 @@ class OnnxBackend(Backend):
         return logits[0]
 
     def verify(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self._drafter is None:
-            return super().verify(embeds, ple_rows, positions)
         return self._run("verify", embeds, ple_rows, positions, last_only=False)
 
     def last_hidden(self) -> np.ndarray:
-        if self._drafter is None:
-            return super().last_hidden()
         if self._hidden is None:
             raise BackendError("onnx: no hidden state yet (call prefill first)")
         return self._hidden.copy()

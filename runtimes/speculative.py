@@ -17,8 +17,11 @@ generation -- the share of drafts accepted (alpha, a decayed estimate) and the c
 plain decode step (t_1) and of verify calls (modelled as t_1 * (1 + beta * k), beta fitted online) -- it picks the k
 in 0..`MAX_DRAFT` that maximizes the expected tokens per second, where a round of k drafts yields
 `1 + alpha + ... + alpha^k` tokens on average (drafts accepted left to right, each with probability alpha) in
-`k * t_d + t_1 * (1 + beta * k)` seconds and plain decoding 1 token in t_1. k = 0 is plain decoding; after
-`PROBE_EVERY` plain steps in a row it drafts once more (k = 1), so a change in acceptance is noticed.
+`k * t_d + t_1 * (1 + beta * k)` seconds and plain decoding 1 token in t_1 (each cost measured as the engine pays it:
+a plain step with its sampling, a verify call with the acceptance over its rows). Drafting is chosen only when it is
+expected to be at least `MARGIN` faster than plain decoding: the estimates are noisy, and a wrong "draft" costs more
+than a wrong "plain". k = 0 is plain decoding; after `PROBE_EVERY` plain steps in a row it drafts once more (k = 1),
+so a change in acceptance is noticed.
 
 No torch here.
 """
@@ -31,6 +34,7 @@ __all__ = ["DraftController", "MAX_DRAFT", "accept_sampled", "parse_draft"]
 
 MAX_DRAFT = 8
 PROBE_EVERY = 16
+MARGIN = 1.05  # expected speed-up below which `auto` decodes plainly
 _DECAY = 0.9  # weight of the past in the acceptance and cost estimates, per observation
 
 
@@ -86,10 +90,10 @@ class DraftController:
             return 0
         if self.t_draft is None:
             return min(2, cap)
-        best = max(range(cap + 1), key=self.expected_rate)
-        if best == 0 and self.plain_run >= PROBE_EVERY:
-            return 1
-        return best
+        best = max(range(1, cap + 1), key=self.expected_rate)
+        if self.expected_rate(best) >= MARGIN * self.expected_rate(0):
+            return best
+        return 1 if self.plain_run >= PROBE_EVERY else 0
 
     def record_plain(self, seconds: float) -> None:
         self.t_step = seconds if self.t_step is None else _DECAY * self.t_step + (1 - _DECAY) * seconds

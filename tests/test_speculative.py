@@ -316,3 +316,16 @@ def test_onnx_drafter_graph_computes_the_eager_drafter_on_the_backends_caches(on
                                               drafter_masks(p, slots, drafter.cfg.sliding_window))
     assert np.abs(logits - want_logits[0, 0].numpy()).max() <= 1e-4
     assert np.abs(projected - want_projected[0, 0].numpy()).max() <= 1e-4
+
+
+def test_controller_drafts_only_for_an_expected_gain_of_the_margin():
+    from edge_gemma.runtimes.speculative import MARGIN
+
+    c = DraftController()
+    c.record_plain(1.0)
+    c.t_draft, c.beta = 0.05, 0.25
+    c.accepted, c.drafted = 2.9, 10.0  # alpha = 3.9 / 12 = 0.325
+    gain = max(c.expected_rate(k) for k in range(1, 9)) / c.expected_rate(0)
+    assert 1.0 < gain < MARGIN and c.next_len(8) == 0  # faster on paper, by less than the margin: plain
+    c.accepted = 7.0  # alpha = 8 / 12
+    assert max(c.expected_rate(k) for k in range(1, 9)) / c.expected_rate(0) >= MARGIN and c.next_len(8) >= 1
