@@ -41,7 +41,7 @@ demo: setup
 # Writes artifacts/<name>-<quant>/ (name: the variant, the checkpoint folder, or `default` for the embedded model).
 # --quant is passed only when QUANT is given, so a CHECKPOINT made by `edge-gemma quantize` keeps its own recipe.
 export: setup
-	$(VENV)/bin/edge-gemma export $(CHECKPOINT) $(if $(VARIANT),--variant $(VARIANT)) $(if $(filter command line environment,$(origin QUANT)),--quant $(QUANT)) $(if $(BACKENDS),--backends $(BACKENDS)) $(if $(OUT),--out $(OUT)) --context $(CONTEXT)
+	$(VENV)/bin/edge-gemma export $(CHECKPOINT) $(if $(VARIANT),--variant $(VARIANT)) $(if $(filter command line environment,$(origin QUANT)),--quant $(QUANT)) $(if $(BACKENDS),--backends $(BACKENDS)) $(if $(OUT),--out $(OUT)) $(if $(DRAFTER),--drafter $(DRAFTER)) --context $(CONTEXT)
 
 PROMPT ?= What does json.dumps do?
 ARTIFACT ?= artifacts/default-int4
@@ -49,7 +49,7 @@ run: setup
 	$(VENV)/bin/edge-gemma run $(ARTIFACT) --prompt "$(PROMPT)"
 
 verify: setup
-	$(VENV)/bin/edge-gemma verify $(if $(CHECKPOINT),$(CHECKPOINT),default)
+	$(VENV)/bin/edge-gemma verify $(if $(CHECKPOINT),$(CHECKPOINT),default) $(if $(DRAFTER),--drafter $(DRAFTER))
 
 quantize: setup
 	$(VENV)/bin/edge-gemma quantize $(if $(CHECKPOINT),$(CHECKPOINT),default) --recipe $(QUANT) --out $(if $(OUT),$(OUT),artifacts/$(if $(CHECKPOINT),$(notdir $(CHECKPOINT)),default)-$(QUANT)-quantized)
