@@ -97,7 +97,8 @@ def test_replace_modules_swaps_exact_type_and_keeps_parameters():
 
 def test_onnx_swapped_decoder_matches_the_eager_decoder():
     """`CachedDecoder` run eagerly (old caches as inputs, new K/V out, two-block attention, the rms_norm op), fed a
-    prompt then three decode steps, gives the plain eager decoder's last-position logits at each step."""
+    prompt (every position kept, as a verify call) then three decode steps (the last kept), gives the plain eager
+    decoder's logits and final hidden states of those positions at each step."""
     from edge_gemma.checkpoint import load_model
     from edge_gemma.export.onnx.graphs import CachedDecoder
 
@@ -113,10 +114,15 @@ def test_onnx_swapped_decoder_matches_the_eager_decoder():
     with torch.no_grad():
         for start, stop in ((0, 9), (9, 10), (10, 11), (11, 12)):
             pos = torch.arange(start, stop)
-            want = lm_ref(embeds[:, start:stop], rows[:, start:stop], pos, last_only=True)[:, -1]
+            # the prompt asks for every position (a verify call), the steps for the last one (a prefill)
+            keep = torch.arange(stop - start) if start == 0 else torch.tensor([stop - start - 1])
+            want_h = lm_ref.hidden_states(embeds[:, start:stop], rows[:, start:stop], pos)[:, keep]
+            want = lm_ref.logits(want_h)
             flat = [t for i in text.cache_layers for t in past[i]]
-            got, *new = graph(embeds[:, start:stop], rows[:, start:stop], pos, flat)
+            got, hidden, *new = graph(embeds[:, start:stop], rows[:, start:stop], pos, keep, flat)
+            assert got.shape == want.shape == (1, keep.numel(), text.vocab_size)
             assert (got - want).abs().max().item() <= 1e-5
+            assert (hidden - want_h).abs().max().item() <= 1e-5
             for n, i in enumerate(text.cache_layers):
                 past[i] = [torch.cat([past[i][0], new[2 * n]], 2), torch.cat([past[i][1], new[2 * n + 1]], 2)]
 
