@@ -59,7 +59,7 @@ class DraftController:
 
     def __init__(self, fixed: int | None = None, max_draft: int = MAX_DRAFT):
         self.fixed, self.max_draft = fixed, max_draft
-        self.accepted = self.drafted = 0.0  # decayed counts: alpha = (accepted + 1) / (drafted + 2)
+        self.accepted = self.drafted = 0.0  # decayed counts of accepted and tested drafts: alpha = (a + 1) / (d + 2)
         self.t_draft: float | None = None  # seconds per draft step
         self.t_step: float | None = None  # seconds per plain decode step
         self.beta = 0.15  # verify cost per extra token, relative to a plain step (prior, then fitted)
@@ -102,8 +102,11 @@ class DraftController:
     def record_round(self, drafts: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
         self.rounds += 1
         self.plain_run = 0
+        # drafts after the first rejected one were never tested: the acceptance of a draft is estimated over the tested
+        # ones (the maximum-likelihood estimate for drafts accepted left to right, each with the same probability)
+        tested = accepted + (1 if accepted < drafts else 0)
         self.accepted = _DECAY * self.accepted + accepted
-        self.drafted = _DECAY * self.drafted + drafts
+        self.drafted = _DECAY * self.drafted + tested
         per_draft = draft_seconds / drafts
         self.t_draft = per_draft if self.t_draft is None else _DECAY * self.t_draft + (1 - _DECAY) * per_draft
         if self.t_step is None:  # no plain step measured: treat this verify as one with the prior beta
