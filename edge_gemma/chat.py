@@ -270,6 +270,49 @@ def _compile(template: str) -> jinja2.Template:
         raise ChatTemplateError(f"chat template: syntax error at line {e.lineno}: {e.message}") from e
 
 
+class _Marked(str):
+    """A user's text wrapped in two marker strings, so that the rendered prompt shows where it is (the processor
+    tokenizes it as plain text). `strip` and its kin (the template's `trim`) act on the text inside the markers."""
+
+    def __new__(cls, text: str, marks: tuple[str, str]):
+        self = super().__new__(cls, marks[0] + text + marks[1])
+        self._text, self._marks = text, marks
+        return self
+
+    def _wrap(self, text: str) -> "_Marked":
+        return _Marked(text, self._marks)
+
+    def strip(self, chars=None):
+        return self._wrap(self._text.strip(chars))
+
+    def lstrip(self, chars=None):
+        return self._wrap(self._text.lstrip(chars))
+
+    def rstrip(self, chars=None):
+        return self._wrap(self._text.rstrip(chars))
+
+
+USER_ROLES = ("user", "system", "developer")
+
+
+def _mark_user_text(messages: list, marks: tuple[str, str]) -> list:
+    """`messages` (already `_plain`) with the text of user, system and developer turns wrapped in `marks`."""
+    out = []
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") in USER_ROLES:
+            message = dict(message)
+            content = message.get("content")
+            if isinstance(content, str):
+                message["content"] = _Marked(content, marks)
+            elif isinstance(content, list):
+                message["content"] = [
+                    {**item, "text": _Marked(item["text"], marks)}
+                    if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str)
+                    else item for item in content]
+        out.append(message)
+    return out
+
+
 def render(
     messages: Sequence[Mapping[str, Any]],
     template: str,
@@ -279,13 +322,16 @@ def render(
     enable_thinking: bool = False,
     bos_token: str = "<bos>",
     special_tokens: Mapping[str, str] | None = None,
+    mark_user_text: tuple[str, str] | None = None,
     **template_kwargs: Any,
 ) -> str:
     """Render a conversation with the checkpoint's chat template, as ``transformers``' ``apply_chat_template``.
 
     ``special_tokens`` is what the template may read besides ``bos_token`` (``Tokenizer.special_tokens_map``).
     The result starts with ``<bos>`` when the template emits one; tokenize it with ``Tokenizer.encode`` (which adds
-    no second ``<bos>``).
+    no second ``<bos>``). ``mark_user_text``: two marker strings placed around the text of every user, system and
+    developer turn (the processor tokenizes what lies between them as plain text: a special token typed by a user
+    stays text).
     """
     if not isinstance(template, str) or not template:
         raise ChatTemplateError("chat template: expected a non-empty template string")
@@ -298,7 +344,8 @@ def render(
     compiled = _compile(template)
     try:
         return compiled.render(
-            messages=_plain(list(messages)),
+            messages=_mark_user_text(_plain(list(messages)), mark_user_text) if mark_user_text else
+            _plain(list(messages)),
             tools=_plain(declared),
             documents=None,
             add_generation_prompt=add_generation_prompt,

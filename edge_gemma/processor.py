@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,9 @@ def _media_source(item: Mapping[str, Any], keys: Sequence[str], where: str):
     raise ProcessorError(f"{where}: expected one of the keys {list(keys)} holding the media")
 
 
+USER_TEXT_MARKS = ("\ue000", "\ue001")  # private-use characters around a random nonce: never in a real prompt
+
+
 class Processor:
     """Tokenizer + chat template + image and audio preprocessing for one checkpoint or artifact directory."""
 
@@ -145,6 +149,7 @@ class Processor:
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
+        mark_user_text: tuple[str, str] | None = None,
     ) -> str:
         return chat.render(
             messages,
@@ -154,6 +159,7 @@ class Processor:
             enable_thinking=enable_thinking,
             bos_token=self.tokenizer.bos_token,
             special_tokens=self.tokenizer.special_tokens_map,
+            mark_user_text=mark_user_text,
         )
 
     def __call__(
@@ -164,9 +170,12 @@ class Processor:
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
     ) -> ProcessedPrompt:
-        text = self.render(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
-        )
+        # User text is text: the template's output marks where each user/system text lies, and the tokenizer encodes
+        # those spans with special-token strings spelled out (a typed "<|turn>" or "<|image|>" is not a control token)
+        marks = (USER_TEXT_MARKS[0] + secrets.token_hex(4), secrets.token_hex(4) + USER_TEXT_MARKS[1])
+        marked = self.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                             enable_thinking=enable_thinking, mark_user_text=marks)
+        text = marked.replace(marks[0], "").replace(marks[1], "")
         images: list[image_mod.ImagePatches] = []
         audio_chunks: list[list[audio_mod.AudioFeatures]] = []
         for i, message in enumerate(messages):
@@ -191,7 +200,7 @@ class Processor:
                     audio_chunks.append(audio_mod.audio_features(wave))
                 elif kind == "video":
                     raise ProcessorError(f"{where}: video input is not supported by this runtime")
-        ids = self.tokenizer.encode_prompt(text)
+        ids = self.tokenizer.encode_prompt(marked, marks)
         ids, kinds = expand_media_tokens(
             ids,
             self.tokenizer.special,

@@ -189,9 +189,16 @@ class _HFBackend:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
-    def encode(self, text: str) -> list[int]:
-        # add_special_tokens=False: the post-processor would prepend <bos>; see the module docstring.
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, plain: bool = False) -> list[int]:
+        # add_special_tokens=False: the post-processor would prepend <bos>; see the module docstring. `plain`: special
+        # token strings are encoded as the text they spell (transformers' `split_special_tokens=True`).
+        if not plain:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        self._tok.encode_special_tokens = True
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tok.encode_special_tokens = False
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -230,7 +237,9 @@ class _SentencePieceBackend:
     def id_to_token(self, token_id: int) -> str | None:
         return self._sp.IdToPiece(token_id) if 0 <= token_id < self.vocab_size else None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, plain: bool = False) -> list[int]:
+        if plain:  # SentencePiece never emits a control piece from text
+            return list(self._sp.EncodeAsIds(text))
         parts = self._split.split(text) if self._split else [text]
         ids: list[int] = []
         for i, part in enumerate(parts):
@@ -261,6 +270,22 @@ class _SentencePieceBackend:
 
     def special_ids(self) -> set[int]:
         return set(self._control)
+
+
+def split_marked(text: str, marks: tuple[str, str]) -> list[str]:
+    """``text`` split at balanced ``marks``: [outside, inside, outside, inside, ..., outside]."""
+    start, end = marks
+    parts, pos = [], 0
+    while True:
+        a = text.find(start, pos)
+        if a < 0:
+            parts.append(text[pos:])
+            return parts
+        b = text.find(end, a + len(start))
+        if b < 0:
+            raise TokenizerError("a rendered prompt has an unclosed user-text mark (the chat template cut it)")
+        parts += [text[pos:a], text[a + len(start):b]]
+        pos = b + len(end)
 
 
 class Tokenizer:
@@ -362,12 +387,24 @@ class Tokenizer:
         ids = self._backend.encode(text)
         return [self.special.bos, *ids] if add_bos else ids
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """Ids of a rendered prompt with exactly one leading ``<bos>`` (added only if the text lacks it)."""
-        ids = self._backend.encode(text)
+    def encode_prompt(self, text: str, marks: tuple[str, str] | None = None) -> list[int]:
+        """Ids of a rendered prompt with exactly one leading ``<bos>`` (added only if the text lacks it). With
+        ``marks`` (``chat.render(mark_user_text=...)``), what lies between a pair of marks is user text, encoded as
+        plain text (a special token typed by a user stays text) and the marks themselves are dropped."""
+        if marks is None:
+            ids = self._backend.encode(text)
+        else:
+            ids = []
+            for i, part in enumerate(split_marked(text, marks)):
+                if part:
+                    ids.extend(self._backend.encode(part, plain=i % 2 == 1))
         if ids and ids[0] == self.special.bos:
             return ids
         return [self.special.bos, *ids]
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of ``text`` with every special-token string encoded as the text it spells."""
+        return self._backend.encode(text, plain=True)
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens)
