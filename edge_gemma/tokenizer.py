@@ -192,6 +192,7 @@ class _HFBackend:
     def encode(self, text: str, plain: bool = False) -> list[int]:
         # add_special_tokens=False: the post-processor would prepend <bos>; see the module docstring. `plain`: special
         # token strings are encoded as the text they spell (transformers' `split_special_tokens=True`).
+        _check_unicode(text)
         if not plain:
             return self._tok.encode(text, add_special_tokens=False).ids
         self._tok.encode_special_tokens = True
@@ -270,6 +271,15 @@ class _SentencePieceBackend:
 
     def special_ids(self) -> set[int]:
         return set(self._control)
+
+
+def _check_unicode(text: str) -> None:
+    """Refuse a string that is not valid Unicode text (lone surrogates: undecodable bytes read with surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TokenizerError(f"the text is not valid Unicode (character {exc.start} is a lone surrogate: bytes that "
+                             "were not UTF-8?)") from None
 
 
 def split_marked(text: str, marks: tuple[str, str]) -> list[str]:

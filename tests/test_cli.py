@@ -84,6 +84,32 @@ def test_chat_reads_turns_from_stdin():
     assert len(stats) == 2 and "(0 reused" in stats[0] and "(0 reused" not in stats[1]
 
 
+def test_chat_skips_a_line_that_is_not_utf8_and_goes_on():
+    """Undecodable bytes on stdin: that line is refused with a message naming it, the conversation continues."""
+    import subprocess
+    import sys
+
+    from artifact_builder import REPO, cli_env
+
+    r = subprocess.run([sys.executable, "-m", "edge_gemma.cli", "chat", "default", "--context", "256",
+                        "--max-new-tokens", "3", "--stats"], input=b"hi \xff\xfe there\nHello\n", capture_output=True,
+                       timeout=600, cwd=REPO, env=cli_env())
+    stderr = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 0, stderr
+    assert "line 1 of standard input is not UTF-8 text (character 3); skipped" in stderr
+    assert "Traceback" not in stderr
+    assert len([line for line in stderr.splitlines() if line.startswith("prompt ")]) == 1  # "Hello" was answered
+
+
+def test_text_that_is_not_unicode_is_a_clear_error():
+    from edge_gemma.paths import DEFAULT_CHECKPOINT
+    from edge_gemma.processor import Processor
+    from edge_gemma.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match="not valid Unicode .character 3 is a lone surrogate"):
+        Processor.from_dir(DEFAULT_CHECKPOINT)([{"role": "user", "content": "hi \udcff there"}])
+
+
 def _judge(tmp_path, measured: dict, *args: str):
     f = tmp_path / "m.json"
     f.write_text(json.dumps({"measured": measured}))

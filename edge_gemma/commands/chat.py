@@ -24,19 +24,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
 
 
+def _not_utf8(text: str) -> int | None:
+    """Index of the first character of `text` that is not encodable as UTF-8 (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return exc.start
+
+
 def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     with open_model(args) as model:
         conv = model.chat(system=args.system, tools=read_tools(args.tools), enable_thinking=args.thinking)
         opts = model.options(**sampling_kwargs(args))
+        number = 0
         while True:
             if interactive:
                 print("> ", end="", file=sys.stderr, flush=True)
             line = sys.stdin.readline()
             if not line:
                 break
+            number += 1
             text = line.strip()
             if not text:
+                continue
+            bad = _not_utf8(text)
+            if bad is not None:  # Python decodes stdin with surrogateescape: undecodable bytes become lone surrogates
+                print(f"edge-gemma chat: line {number} of standard input is not UTF-8 text (character {bad}); "
+                      "skipped", file=sys.stderr)
                 continue
             if text in ("/exit", "/quit"):
                 break
