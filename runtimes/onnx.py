@@ -74,7 +74,13 @@ class OnnxBackend(Backend):
             if not rel:
                 return None
             path = artifact.path(rel)  # raises if the manifest does not list it
-            return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            try:
+                return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # ORT's pybind errors (InvalidProtobuf, Fail, ...) are not Python's own kinds
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ArtifactError(f"{path}: ONNX Runtime cannot load this graph ({type(exc).__name__}: {first}); "
+                                    "the file is damaged or was changed (`edge-gemma inspect ARTIFACT --verify` "
+                                    "checks every file against its sha256)") from None
 
         self._embedder = session("embedder")
         self._decoder = session("decoder")

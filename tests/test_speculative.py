@@ -344,3 +344,22 @@ def test_controller_estimates_the_acceptance_of_a_tested_draft():
         c.record_round(4, n, 0.01, 0.1)
         estimates.append(c.alpha)
     assert 0.85 <= float(np.mean(estimates[100:])) <= 0.95
+
+
+def test_a_damaged_onnx_graph_is_a_clear_error_naming_the_file(embedded_int8_onnx_artifact, tmp_path):
+    """Bytes of decoder.onnx overwritten (the size unchanged, so opening the artifact passes): `run` exits 2 with
+    one line naming the file, no traceback."""
+    import shutil
+
+    from artifact_builder import cli
+
+    copy_ = tmp_path / "damaged"
+    shutil.copytree(embedded_int8_onnx_artifact, copy_)
+    graph = copy_ / "onnx" / "decoder.onnx"
+    data = bytearray(graph.read_bytes())
+    data[100:200] = b"\xff" * 100
+    graph.write_bytes(bytes(data))
+    r = cli("run", str(copy_), "-p", "hi", "-n", "2")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"{graph}: ONNX Runtime cannot load this graph (InvalidProtobuf" in r.stderr
+    assert "Traceback" not in r.stderr
