@@ -81,6 +81,9 @@ def load_image(source) -> Image.Image:
     try:
         image = Image.open(opener)
         image.load()
+    except Image.DecompressionBombError as e:  # Pillow's guard against decompression bombs (not an OSError)
+        raise ImageError(f"{name}: the image is too large to read safely (at most {Image.MAX_IMAGE_PIXELS:,} "
+                         f"pixels; {e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
     try:

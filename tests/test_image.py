@@ -151,3 +151,20 @@ def test_bad_images(tmp_path):
         image.preprocess(_noise(10, 10), max_soft_tokens=300)
     with pytest.raises(ImageError, match="expected a path, bytes or PIL.Image"):
         image.preprocess(12345)
+
+
+def test_a_decompression_bomb_is_a_clear_error_stating_the_limit(tmp_path):
+    """A 20000 x 20000 PNG (a few hundred KB on disk, 400 M pixels): Pillow's bomb guard, as an ImageError naming
+    the file and the pixel limit, not a DecompressionBombError traceback."""
+    import io
+
+    from PIL import Image
+
+    from edge_gemma.image import ImageError, load_image
+
+    path = tmp_path / "huge.png"
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, "PNG")
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(ImageError, match=r"huge.png: the image is too large to read safely \(at most [\d,]+ pixels"):
+        load_image(path)
