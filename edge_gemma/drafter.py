@@ -27,7 +27,7 @@ from .config import (
 if TYPE_CHECKING:
     from .model.drafter import Drafter, DrafterConfig
 
-__all__ = ["DrafterError", "check_fit", "load_drafter", "parse_drafter_config"]
+__all__ = ["DrafterError", "check_fit", "load_drafter", "load_drafter_config", "parse_drafter_config"]
 
 # Text keys of the assistant's `text_config` that do not change its math: token ids and the context length are the
 # target's business, and the assistant applies no final soft cap (transformers' forward has none).
@@ -119,14 +119,8 @@ def check_fit(drafter: "DrafterConfig", target: TextConfig, *, source: str = "dr
         raise DrafterError(f"{source}: this drafter does not fit the target: " + "; ".join(problems))
 
 
-def load_drafter(path: str | Path, target: TextConfig | None = None) -> "Drafter":
-    """Load an assistant checkpoint directory into an eval-mode float32 `Drafter` (checked against `target`)."""
-    import torch
-
-    from .checkpoint import CheckpointError, _Reader, checkpoint_tensors, params_on_meta
-    from .model.drafter import Drafter
-    from .quantize.safetensors_io import bad_values
-
+def load_drafter_config(path: str | Path, target: TextConfig | None = None) -> "DrafterConfig":
+    """The drafter's `config.json`, parsed strictly and checked against `target` (no tensor is read)."""
     directory = Path(path)
     file = directory / "config.json"
     if not file.is_file():
@@ -139,6 +133,19 @@ def load_drafter(path: str | Path, target: TextConfig | None = None) -> "Drafter
         raise DrafterError(str(exc)) from None
     if target is not None:
         check_fit(cfg, target, source=str(directory))
+    return cfg
+
+
+def load_drafter(path: str | Path, target: TextConfig | None = None) -> "Drafter":
+    """Load an assistant checkpoint directory into an eval-mode float32 `Drafter` (checked against `target`)."""
+    import torch
+
+    from .checkpoint import CheckpointError, _Reader, checkpoint_tensors, params_on_meta
+    from .model.drafter import Drafter
+    from .quantize.safetensors_io import bad_values
+
+    directory = Path(path)
+    cfg = load_drafter_config(directory, target)
     try:
         tensors = checkpoint_tensors(directory)
     except CheckpointError as exc:

@@ -139,9 +139,26 @@ class EagerBackend(Backend):
 
     @torch.no_grad()
     def prefill(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        logits, _ = self._forward("prefill", embeds, ple_rows, positions, last_only=True)
+        return logits[-1]
+
+    # -- speculative decoding (runtimes/base.py) ----------------------------------------------------------------
+
+    def last_hidden(self) -> np.ndarray:
+        if self._last_hidden is None:
+            raise BackendError("eager backend: no hidden state yet (call prefill first)")
+        return self._last_hidden.float().numpy().copy()
+
+    @torch.no_grad()
+    def verify(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._forward("verify", embeds, ple_rows, positions, last_only=False)
+
+    def _forward(self, what: str, embeds, ple_rows, positions, *, last_only: bool) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder call at `positions` (caches written): -> logits and final normed hidden states, `[n, V]` and
+        `[n, H]`, of the last position (`last_only`) or of every position."""
         S = int(np.asarray(positions).size)
         if S > self.capabilities.max_prefill_chunk:
-            raise BackendError(f"eager backend: prefill of {S} tokens exceeds max_prefill_chunk "
+            raise BackendError(f"eager backend: {what} of {S} tokens exceeds max_prefill_chunk "
                                f"{self.capabilities.max_prefill_chunk}")
         pos = torch.from_numpy(np.asarray(positions, np.int64).reshape(-1))
         if int(pos.max()) >= self.capabilities.context:
@@ -150,31 +167,7 @@ class EagerBackend(Backend):
         e = torch.from_numpy(np.asarray(embeds, np.float32)).unsqueeze(0)  # (1, S, H)
         r = torch.from_numpy(np.asarray(ple_rows, np.float32)).unsqueeze(0)  # (1, S, L, P)
         lm = self.model.language_model
-        h = lm.hidden_states(e, r, pos, last_only=True)  # (1, 1, H)
-        self._last_hidden = h[0, -1]
-        return lm.logits(h)[0, -1].float().numpy()
-
-    # -- speculative decoding (runtimes/base.py) ----------------------------------------------------------------
-
-    def last_hidden(self) -> np.ndarray:
-        if self.drafter is None:
-            return super().last_hidden()
-        if self._last_hidden is None:
-            raise BackendError("eager backend: no hidden state yet (call prefill first)")
-        return self._last_hidden.float().numpy().copy()
-
-    @torch.no_grad()
-    def verify(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.drafter is None:
-            return super().verify(embeds, ple_rows, positions)
-        pos = torch.from_numpy(np.asarray(positions, np.int64).reshape(-1))
-        if int(pos.max()) >= self.capabilities.context:
-            raise BackendError(f"eager backend: position {int(pos.max())} is beyond the context "
-                               f"{self.capabilities.context}")
-        e = torch.from_numpy(np.asarray(embeds, np.float32)).unsqueeze(0)
-        r = torch.from_numpy(np.asarray(ple_rows, np.float32)).unsqueeze(0)
-        lm = self.model.language_model
-        h = lm.hidden_states(e, r, pos)  # (1, n, H)
+        h = lm.hidden_states(e, r, pos, last_only=last_only)  # (1, n, H)
         self._last_hidden = h[0, -1]
         return lm.logits(h)[0].float().numpy(), h[0].float().numpy()
 

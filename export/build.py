@@ -365,9 +365,10 @@ def backend_files(entry: dict[str, Any]) -> list[str]:
 
 
 def _resolve_drafter(drafter: str | Path | bool | None, ckpt: Path, config: ModelConfig) -> Path | None:
-    """The drafter checkpoint to export (see `build_artifact`), loaded once here so that a bad one is refused before
-    anything is written."""
-    from edge_gemma.drafter import load_drafter
+    """The drafter checkpoint to export (see `build_artifact`). Its config is checked here, before any work, so that
+    a drafter that does not fit is refused at once; its tensors are read (and checked) by the exporters that use it,
+    inside the artifact's temporary folder."""
+    from edge_gemma.drafter import load_drafter_config
     from edge_gemma.paths import DEFAULT_CHECKPOINT, DEFAULT_DRAFTER
 
     if drafter is None:
@@ -375,7 +376,7 @@ def _resolve_drafter(drafter: str | Path | bool | None, ckpt: Path, config: Mode
     if drafter is False:
         return None
     path = DEFAULT_DRAFTER if str(drafter) == "default" else Path(drafter)
-    load_drafter(path, config.text)
+    load_drafter_config(path, config.text)
     return path
 
 

@@ -472,10 +472,7 @@ class Engine:
                 # drafts may not run past the limit (the round adds them plus one) nor past the context
                 k = controller.next_len(min(limit - len(out) - 1, self.context - pos - 1)) if controller else 0
                 if k == 0:
-                    tid = np.asarray([out[-1]], np.int64)
-                    pid = self.ple_ids(tid)
-                    logits = self.backend.decode(np.asarray(self.backend.embed(pid), np.float32), self.ple.gather(pid),
-                                                 np.asarray([pos], np.int64))
+                    logits = self.backend.decode(*self._token_inputs([out[-1]]), np.asarray([pos], np.int64))
                     self._cache_keys.append(out[-1])
                     new = [sampler(np.asarray(logits).reshape(-1), history)]
                     if controller is not None:
@@ -501,6 +498,12 @@ class Engine:
         text = self.tokenizer.decode(out)
         return Completion(text=text, response=_parse(text), token_ids=tuple(out), stats=stats)
 
+    def _token_inputs(self, ids: Sequence[int], *, ple: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """A backend step's inputs for text tokens: embeddings `[n, H]` and raw PLE rows `[n, L, P]` (None when
+        `ple` is false: a draft step reads no PLE)."""
+        pid = self.ple_ids(np.asarray(ids, np.int64))
+        return np.asarray(self.backend.embed(pid), np.float32), (self.ple.gather(pid) if ple else None)
+
     def _controller(self, options: GenerationOptions) -> DraftController | None:
         """The draft-length controller of this generation, or None for plain decoding."""
         if options.draft == "off" or not self.backend.capabilities.drafter:
@@ -519,8 +522,7 @@ class Engine:
         q: list[np.ndarray] = []  # the drafter's filtered distributions (sampling)
         tok, state = last, hidden
         for _ in range(k):
-            emb = np.asarray(self.backend.embed(self.ple_ids(np.asarray([tok], np.int64))), np.float32)[0]
-            draft_logits, state = self.backend.draft(emb, state, pos)
+            draft_logits, state = self.backend.draft(self._token_inputs([tok], ple=False)[0][0], state, pos)
             if greedy:
                 tok = int(np.argmax(draft_logits))
             else:
@@ -528,10 +530,8 @@ class Engine:
                 tok = int(sampler.rng.choice(q[-1].size, p=q[-1]))
             drafts.append(tok)
         t_verify = time.perf_counter()
-        chunk = np.asarray([last, *drafts], np.int64)
-        pid = self.ple_ids(chunk)
-        logits, hid = self.backend.verify(np.asarray(self.backend.embed(pid), np.float32), self.ple.gather(pid),
-                                          np.arange(pos, pos + k + 1, dtype=np.int64))
+        chunk = [last, *drafts]
+        logits, hid = self.backend.verify(*self._token_inputs(chunk), np.arange(pos, pos + k + 1, dtype=np.int64))
         if greedy:
             new: list[int] = []
             for j in range(k + 1):  # the target's greedy choice after the tokens kept so far
@@ -543,7 +543,7 @@ class Engine:
             new = accept_sampled(drafts, q, lambda j, kept: filtered_probs(np.asarray(logits[j]).reshape(-1),
                                                                            sampler.cfg, history + kept), sampler.rng)
         n = len(new) - 1
-        self._cache_keys.extend(int(i) for i in chunk[: n + 1])
+        self._cache_keys.extend(chunk[: n + 1])
         # the verify side's cost: the target call and the acceptance (sampling over k + 1 rows of logits)
         controller.record_round(k, n, t_verify - t, time.perf_counter() - t_verify)
         return new, np.asarray(hid[n]), n

@@ -27,11 +27,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
-import math
-import os
 import shutil
 import sys
 import tempfile
@@ -41,6 +38,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+# the target's training script (this folder): its data, learning-rate schedule and folder installation
+import train_default_model as target_trainer  # noqa: E402
 
 logger = logging.getLogger("train_default_drafter")
 
@@ -78,20 +78,10 @@ class DrafterSettings:
 SETTINGS = DrafterSettings()
 
 
-def _target_trainer():
-    """scripts/train_default_model.py as a module: the corpus, tokenization and held-out split of the target."""
-    spec = importlib.util.spec_from_file_location("train_default_model", REPO / "scripts" / "train_default_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
 def load_data(target_dir: Path = TARGET_DIR):
     """The target's training and held-out blocks, from its saved tokenizer (the target's own `prepare_data`)."""
-    trainer = _target_trainer()
-    tokenizer = trainer.load_saved_tokenizer(target_dir)
-    return trainer.prepare_data(tokenizer, target_dir, trainer.load_corpus())
+    tokenizer = target_trainer.load_saved_tokenizer(target_dir)
+    return target_trainer.prepare_data(tokenizer, target_dir, target_trainer.load_corpus())
 
 
 def assistant_config(target_dir: Path = TARGET_DIR, settings: DrafterSettings = SETTINGS):
@@ -181,15 +171,9 @@ def draft_loss(drafter, target, batch: torch.Tensor, draft_steps: int) -> torch.
             tokens = embed(batch[:, positions + j])
             want = F.log_softmax(logits[:, positions + j].float(), dim=-1)
         got, hidden = drafter(tokens, hidden, positions[None, :], kv, masks)
-        loss = loss + F.kl_div(F.log_softmax(got.float(), dim=-1), want, log_target=True, reduction="batchmean") / len(positions)
+        kl = F.kl_div(F.log_softmax(got.float(), dim=-1), want, log_target=True, reduction="batchmean")
+        loss = loss + kl / len(positions)
     return loss
-
-
-def lr_at(step: int, settings: DrafterSettings) -> float:
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    t = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    return settings.lr * (settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def train(drafter, target, train_blocks: torch.Tensor, settings: DrafterSettings, *,
@@ -212,7 +196,7 @@ def train(drafter, target, train_blocks: torch.Tensor, settings: DrafterSettings
         j = step % per_epoch
         batch = train_blocks[order[j * settings.batch_size:(j + 1) * settings.batch_size], :-1]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, settings)
+            group["lr"] = target_trainer.lr_at(step, settings)  # the same warm-up and cosine decay
         loss = draft_loss(drafter, target, batch, settings.draft_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -253,10 +237,6 @@ def acceptance(target, drafter, heldout_blocks: torch.Tensor, settings: DrafterS
             "acceptance": accepted / drafted, "tokens_per_target_call": tokens / rounds, "equals_plain_greedy": equal}
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-
-
 def main_train(out_dir: Path, settings: DrafterSettings = SETTINGS) -> dict:
     from edge_gemma.drafter import load_drafter
 
@@ -289,18 +269,7 @@ def main_train(out_dir: Path, settings: DrafterSettings = SETTINGS) -> dict:
             "train_seconds": train_seconds,
         }
         (tmp / "training_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if folder_bytes(tmp) > MAX_FOLDER_BYTES:
-            raise ValueError(f"{out_dir}: {folder_bytes(tmp)} bytes exceeds the {MAX_FOLDER_BYTES}-byte budget")
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        backup = None
-        if out_dir.exists():
-            backup = out_dir.parent / f".default_drafter-old-{os.getpid()}"
-            os.replace(out_dir, backup)
-        os.replace(tmp, out_dir)
-        if backup is not None:
-            shutil.rmtree(backup)
+        target_trainer.install_folder(tmp, out_dir, MAX_FOLDER_BYTES)
         return report
     finally:
         if tmp.exists():
@@ -317,15 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = SETTINGS if args.steps is None else DrafterSettings(**{**asdict(SETTINGS), "steps": args.steps})
     if args.check_first_steps is not None:
-        losses = first_step_losses(args.check_first_steps, settings)
-        recorded = json.loads((args.out / "training_report.json").read_text())["first_step_losses"]
-        for i, loss in enumerate(losses):
-            ref = recorded[i] if i < len(recorded) else float("nan")
-            print(f"step {i:3d}  loss {loss:.7f}  recorded {ref:.7f}  rel.diff {abs(loss - ref) / abs(ref):.2e}")
+        target_trainer.print_first_steps(first_step_losses(args.check_first_steps, settings),
+                                         args.out / "training_report.json")
         return 0
     report = main_train(args.out, settings)
     a, u = report["heldout_acceptance"], report["heldout_acceptance_untrained"]
-    print(f"wrote {args.out} ({folder_bytes(args.out) / 2**20:.2f} MiB, {report['params']:,} parameters) in "
+    size = target_trainer.folder_bytes(args.out)
+    print(f"wrote {args.out} ({size / 2**20:.2f} MiB, {report['params']:,} parameters) in "
           f"{report['train_seconds']:.0f} s; held-out acceptance {a['acceptance']:.1%} "
           f"({a['tokens_per_target_call']:.2f} tokens per target call; untrained {u['acceptance']:.1%}), "
           f"equal to plain greedy: {a['equals_plain_greedy']}")

@@ -633,24 +633,37 @@ def main_train(out_dir: Path, settings: TrainSettings = SETTINGS) -> dict:
         write_report(tmp, report)
         report["folder_bytes"] = folder_bytes(tmp)
         write_report(tmp, report)  # again, now with the size (the size line has a fixed width in practice)
-        if folder_bytes(tmp) > MAX_FOLDER_BYTES:
-            raise ValueError(f"{out_dir}: {folder_bytes(tmp)} bytes exceeds the {MAX_FOLDER_BYTES}-byte budget")
-        # mkdtemp makes a private folder; the package data must be readable by everyone.
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        # Swap the folder in: old -> backup, new -> place, drop backup.
-        backup = None
-        if out_dir.exists():
-            backup = out_dir.parent / f".default-old-{os.getpid()}"
-            os.replace(out_dir, backup)
-        os.replace(tmp, out_dir)
-        if backup is not None:
-            shutil.rmtree(backup)
+        install_folder(tmp, out_dir, MAX_FOLDER_BYTES)
         return report
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def install_folder(tmp: Path, out_dir: Path, max_bytes: int) -> None:
+    """Put the freshly written folder `tmp` in place of `out_dir`: refused above `max_bytes`, made readable by
+    everyone (mkdtemp makes a private folder; package data must not be), then swapped in: old -> backup, new ->
+    place, drop backup."""
+    if folder_bytes(tmp) > max_bytes:
+        raise ValueError(f"{out_dir}: {folder_bytes(tmp)} bytes exceeds the {max_bytes}-byte budget")
+    os.chmod(tmp, 0o755)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
+    backup = None
+    if out_dir.exists():
+        backup = out_dir.parent / f".{out_dir.name}-old-{os.getpid()}"
+        os.replace(out_dir, backup)
+    os.replace(tmp, out_dir)
+    if backup is not None:
+        shutil.rmtree(backup)
+
+
+def print_first_steps(losses: list[float], report: Path) -> None:
+    """The rerun losses beside those `report` (a training_report.json) recorded."""
+    recorded = json.loads(report.read_text())["first_step_losses"]
+    for i, loss in enumerate(losses):
+        ref = recorded[i] if i < len(recorded) else float("nan")
+        print(f"step {i:3d}  loss {loss:.7f}  recorded {ref:.7f}  rel.diff {abs(loss - ref) / abs(ref):.2e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -664,11 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = SETTINGS if args.steps is None else TrainSettings(**{**asdict(SETTINGS), "steps": args.steps})
     if args.check_first_steps is not None:
-        losses = first_step_losses(args.check_first_steps, args.out, settings)
-        recorded = json.loads((args.out / "training_report.json").read_text())["first_step_losses"]
-        for i, loss in enumerate(losses):
-            ref = recorded[i] if i < len(recorded) else float("nan")
-            print(f"step {i:3d}  loss {loss:.7f}  recorded {ref:.7f}  rel.diff {abs(loss - ref) / abs(ref):.2e}")
+        print_first_steps(first_step_losses(args.check_first_steps, args.out, settings),
+                          args.out / "training_report.json")
         return 0
     report = main_train(args.out, settings)
     h = report["heldout"]

@@ -33,6 +33,19 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="module")
+def restore_torch_state():
+    """For a module whose code sets global torch state (threads, deterministic algorithms, seed: the training
+    scripts): saved before the module's tests, restored after them, so other modules run as they would alone."""
+    import torch
+
+    threads, deterministic, rng = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_rng_state(rng)
+
+
 @pytest.fixture(scope="session")
 def gemma4_tokenizer_json_dir(tmp_path_factory) -> Path:
     """tests/data/gemma4_tokenizer with tokenizer.json decompressed (lzma), once per test session, for transformers."""

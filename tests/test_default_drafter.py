@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from edge_gemma.paths import DEFAULT_CHECKPOINT, DEFAULT_DRAFTER
 
@@ -25,14 +24,8 @@ def trainer():
     return train_default_drafter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_torch_state():
-    """The training code sets global torch state (threads, deterministic algorithms, seed): undo it for other tests."""
-    threads, deterministic, rng = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_rng_state(rng)
+# the training code sets global torch state; tests/conftest.py restores it after this module
+pytestmark = pytest.mark.usefixtures("restore_torch_state")
 
 
 @pytest.fixture(scope="module")

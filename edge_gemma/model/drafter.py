@@ -143,9 +143,7 @@ class CentroidHead(nn.Module):
         top = torch.topk(self.centroids(h), k=self.top_k, dim=-1).indices  # (B, S, k)
         tokens = self.token_ordering.long().view(self.num_centroids, -1)[top].reshape(B, S, -1)  # (B, S, k * per)
         selected = (h.unsqueeze(-2) @ F.embedding(tokens, table).to(h.dtype).transpose(-1, -2)).squeeze(-2)
-        out = torch.full((B, S, table.shape[0]), 0.0, dtype=h.dtype, device=h.device)
-        out.fill_(selected.min() - 1.0)
-        return out.scatter(-1, tokens, selected)
+        return (selected.min() - 1.0).expand(B, S, table.shape[0]).scatter(-1, tokens, selected)
 
 
 class Drafter(nn.Module):
