@@ -213,6 +213,7 @@ class Recipe:
 # ----------------------------------------------------------------------------------------------- named recipes
 _EMBEDDINGS = r"^(model\.(language_model\.)?embed_tokens(_per_layer)?\.weight|lm_head\.weight)$"
 _TOWERS = r"^model\.(audio_tower|vision_tower|embed_audio|embed_vision)\."
+_PER_LAYER_INPUT = _TEXT + r"(layers\.\d+\.(per_layer_input_gate|per_layer_projection)|per_layer_model_projection)\.weight$"
 
 
 def _int4_overrides(embedding_scheme: Scheme | None) -> tuple[Override, ...]:
@@ -223,6 +224,24 @@ def _int4_overrides(embedding_scheme: Scheme | None) -> tuple[Override, ...]:
                  note="audio and vision towers and their projections stay int8: "
                       "peers see audio quality collapse at int4"),
     )
+
+
+def _gemma4_mixed48() -> Recipe:
+    """LiteRT-LM's `gemma4_mixed48` (ai-edge-quantizer) gives the linears, both embedding tables and the head int4
+    with one scale per output channel, and the per-layer-input linears int8 per channel. This recipe gives each of
+    those tensors at least that precision: int4 in groups of 128 (a group's scale is at most its channel's, so no
+    weight is rounded more coarsely) and int8 per channel where it has int8 (whose scale, stored in bf16 and rounded
+    up, is at most 2^-7 coarser than ai-edge-quantizer's float32 one)."""
+    g128 = Int4Group(group_size=128)
+    return Recipe(name="gemma4-mixed48", default=g128, overrides=(
+        Override(pattern=_PER_LAYER_INPUT, scheme=Int8PerChannel(),
+                 note="per-layer-input linears int8, as gemma4_mixed48 keeps them"),
+        Override(pattern=_EMBEDDINGS, scheme=g128,
+                 note="main embedding (also the tied LM head) and PLE table int4 group 128 "
+                      "(gemma4_mixed48: int4 per channel)"),
+        *_int4_overrides(None)[1:]),
+        description="at least the precision of LiteRT-LM's gemma4_mixed48 for every tensor: int4 group 128 linears, "
+                    "embeddings and head; per-layer-input linears int8; audio/vision towers int8")
 
 
 def _int4(name: str, group_size: int, description: str, embedding_scheme: Scheme | None = None) -> Recipe:
@@ -240,6 +259,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     _int4("int4-g128", 128, "int4 symmetric group 128 linears; embeddings and audio/vision towers int8"),
     _int4("int4-emb4", 32, "int4 group 32 linears and embedding tables; audio/vision towers int8",
           embedding_scheme=Int4Group(group_size=32)),
+    _gemma4_mixed48(),
     Recipe(name="int4-asym-onnx", default=Int4GroupAsym(group_size=32), overrides=_int4_overrides(Int8PerChannel()),
            description="ONNX Runtime only: int4 asymmetric group 32 linears (MatMulNBits zero points); "
                        "embeddings and audio/vision towers int8"),

@@ -65,7 +65,7 @@ def fp32_artifact(tiny_checkpoints, tmp_path_factory) -> Artifact:
 def quantized_default(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("onnx_q")
     out = {}
-    for recipe in ("int4", "int8"):
+    for recipe in ("int4", "int8", "gemma4-mixed48"):
         quantize_checkpoint(DEFAULT, recipe, root / recipe, progress=False)
         out[recipe] = root / recipe
     return out
@@ -81,6 +81,17 @@ def int4_artifact(quantized_default, tmp_path_factory) -> Artifact:
 def int8_artifact(quantized_default, tmp_path_factory) -> Artifact:
     """With the towers: their linears are int8 MatMulNBits too."""
     return _export(quantized_default["int8"], tmp_path_factory.mktemp("onnx") / "int8", context=CONTEXT_Q)
+
+
+@pytest.fixture(scope="session")
+def gemma4_mixed48_artifact(quantized_default, tmp_path_factory) -> Artifact:
+    """int4 groups of 128 (linears, both tables, the head) and int8 per-layer-input linears."""
+    return _export(quantized_default["gemma4-mixed48"], tmp_path_factory.mktemp("onnx") / "mixed48",
+                   context=CONTEXT_Q, text_only=True)
+
+
+def _artifact(request, recipe: str) -> Artifact:
+    return request.getfixturevalue(f"{recipe.replace('-', '_')}_artifact")
 
 
 def _backend(artifact: Artifact) -> OnnxBackend:
@@ -239,7 +250,7 @@ def _teacher_forced(lm, be: OnnxBackend, ids: torch.Tensor, *, shared_history: b
     return np.stack(ref), np.stack(out)
 
 
-@pytest.mark.parametrize("recipe", ["int4", "int8"])
+@pytest.mark.parametrize("recipe", ["int4", "int8", "gemma4-mixed48"])
 def test_quantized_teacher_forced_agreement(recipe, quantized_default, request):
     """The emulation (`emulate_activation_quant`) rounds activations exactly as MLAS does (see
     test_matmulnbits_node_computes_the_numpy_reference), so what is left is float noise in the other operators (ORT
@@ -248,7 +259,7 @@ def test_quantized_teacher_forced_agreement(recipe, quantized_default, request):
     The issue's "logits within 0.05" is asserted position by position with both runtimes on the same history; with
     each runtime on its own caches a flipped code at position p also moves every later position (measured: max
     0.055-0.059, median ~0.015), so there the bounds are looser."""
-    artifact = request.getfixturevalue(f"{recipe}_artifact")
+    artifact = _artifact(request, recipe)
     lm = _eager_quantized(quantized_default[recipe], CONTEXT_Q)
     ids = torch.tensor([_heldout_ids()])
     be = _backend(artifact)
@@ -308,9 +319,9 @@ def _assert_stored(qc, name: str, nk: tuple[int, int], node, inits) -> None:
     _assert_same(qc, name, stored_from_matmulnbits(scheme, inits[node.input[1]], inits[node.input[2]], zeros, shape))
 
 
-@pytest.mark.parametrize("recipe", ["int4", "int8"])
+@pytest.mark.parametrize("recipe", ["int4", "int8", "gemma4-mixed48"])
 def test_weights_are_the_checkpoint_integers_bit_exact(recipe, quantized_default, request):
-    artifact = request.getfixturevalue(f"{recipe}_artifact")
+    artifact = _artifact(request, recipe)
     graphs = [g for g in ("decoder", "vision", "audio") if artifact.backends["onnx"]["files"][g]]
     seen = set()
     with QuantizedCheckpoint(quantized_default[recipe]) as qc:

@@ -9,9 +9,13 @@ What it does (everything expensive is cached under `--cache`, keyed by the check
    and `llama-quantize` built with cmake (`-DGGML_NATIVE=ON -DLLAMA_CURL=OFF`, Ninja, 2 jobs); its own
    `convert_hf_to_gguf.py` (its `gguf-py` on `PYTHONPATH`) to BF16, then `llama-quantize` to Q4_0 and Q4_K_M.
 3. Ours: `edge-gemma quantize --recipe int4` once, then one text-only artifact with every backend
-   (`edge-gemma export --backends onnx,executorch,litert --text-only --no-check`).
-4. LiteRT-LM on Google's own bundles (`litert-torch`'s Gemma 4 exporter): not built by this script yet; their
-   records carry `error` (see benchmarks/README.md).
+   (`edge-gemma export --backends onnx,executorch,litert --text-only --no-check`); for `ours/onnx-mixed48` and
+   `litert-lm/ours-mixed48` the same with our `gemma4-mixed48` recipe (every tensor at least as precise as in
+   LiteRT-LM's `gemma4_mixed48`), ONNX and LiteRT only.
+4. LiteRT-LM on Google's own bundles: `litert-torch`'s Gemma 4 exporter on the same checkpoint, one process per
+   stage (`google_bundle.py`: float32 graphs, then ai-edge-quantizer, then packaging; in one process the stock
+   exporter needs more than 24 GB for E2B), with the `dynamic_wi4b32_afp32` recipe and LiteRT-LM's own
+   `gemma4_mixed48`; the KV cache as long as our artifact's context (`--context`), the prefill signature 512.
 5. `--rounds` rounds; each round runs every runtime once, in a fresh process, after dropping the page cache of its
    model files (`posix_fadvise(DONTNEED)`): llama.cpp through `llama-bench -p P -n N -r 1 -o json` (its time to
    first token is P / prefill speed + 1 / decode speed: llama-bench reports speeds only), ours through
@@ -47,8 +51,15 @@ PY = sys.executable
 CLI = str(Path(sys.executable).with_name("edge-gemma"))
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_gib")
-ALL_RUNTIMES = ("llama.cpp-q4_0", "llama.cpp-q4_k_m", "litert-lm/google-int4", "litert-lm/google-mixed48",
-                "litert-lm/ours-int4", "ours/onnx", "ours/executorch", "ours/litert")
+GOOGLE_RECIPES = {"litert-lm/google-int4": "dynamic_wi4b32_afp32", "litert-lm/google-mixed48": "gemma4_mixed48"}
+# ours: runtime -> (artifact key, backend, what it reads under the artifact); OUR_RECIPES: artifact key -> recipe
+OUR_RECIPES = {"int4": "int4", "mixed48": "gemma4-mixed48"}
+OURS = {"litert-lm/ours-int4": ("int4", "litert-lm", "litert/model.litertlm"),
+        "litert-lm/ours-mixed48": ("mixed48", "litert-lm", "litert/model.litertlm"),
+        "ours/onnx": ("int4", "onnx", "onnx"), "ours/executorch": ("int4", "executorch", "executorch"),
+        "ours/litert": ("int4", "litert", "litert"), "ours/onnx-mixed48": ("mixed48", "onnx", "onnx")}
+EXPORTED = {"onnx": "onnx", "executorch": "executorch", "litert": "litert", "litert-lm": "litert"}
+ALL_RUNTIMES = ("llama.cpp-q4_0", "llama.cpp-q4_k_m", *GOOGLE_RECIPES, *OURS)
 
 
 def log(msg: str) -> None:
@@ -185,21 +196,23 @@ def bench_llama(bench: Path, gguf: Path, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ ours
-def ours(args, ckpt: Path, work: Path, backends: list[str]) -> Path:
-    quantized = work / "ours-int4-quantized"
+def ours(args, ckpt: Path, work: Path, backends: list[str], key: str = "int4", recipe: str = "int4") -> Path:
+    """Our text-only artifact of `ckpt` quantized with `recipe`, holding at least `backends` (cached as
+    `ours-<key>`)."""
+    quantized = work / f"ours-{key}-quantized"
     if not (quantized / "quant_manifest.json").is_file():
-        sh([CLI, "quantize", ckpt, "--recipe", "int4", "--out", quantized, "--overwrite", "--no-progress"],
-           log_file=work / "logs" / "ours-quantize.log")
-    artifact = work / "ours-int4"
+        sh([CLI, "quantize", ckpt, "--recipe", recipe, "--out", quantized, "--overwrite", "--no-progress"],
+           log_file=work / "logs" / f"ours-{key}-quantize.log")
+    artifact = work / f"ours-{key}"
     manifest = artifact / "manifest.json"
-    stamp = work / "ours-int4.exporter-sha256"  # the exporter sources that wrote the artifact (beside it, not in it)
-    digest = exporter_digest()
+    stamp = work / f"ours-{key}.exporter-sha256"  # the sources that wrote the artifact (beside it, not in it)
+    digest = f"{exporter_digest()} context {args.context}"
     fresh = stamp.is_file() and stamp.read_text().strip() == digest
     have = set(json.loads(manifest.read_text())["backends"]) if manifest.is_file() and fresh else set()
     if not set(backends) <= have:
         sh([CLI, "export", quantized, "--backends", ",".join(sorted(set(backends) | have)), "--out", artifact,
-            "--context", "4096", "--text-only", "--no-check", "--no-progress", "--force"],
-           log_file=work / "logs" / "ours-export.log")
+            "--context", args.context, "--text-only", "--no-check", "--no-progress", "--force"],
+           log_file=work / "logs" / f"ours-{key}-export.log")
         stamp.write_text(digest + "\n")
     return artifact
 
@@ -221,6 +234,39 @@ def bench_ours(artifact: Path, backend: str, args) -> dict:
     m = json.loads(out)["measured"]
     return {"prefill_tok_s": m["prefill_tok_s"], "decode_tok_s": m["decode_tok_s"], "ttft_s": m["ttft_s"],
             "peak_rss_gib": rss}
+
+
+# ------------------------------------------------------------------------------------------------ Google's bundles
+def google_bundle(args, ckpt: Path, work: Path, recipe: str) -> Path:
+    """LiteRT-LM bundle of `ckpt` made by litert-torch's exporter with an ai-edge-quantizer recipe, one stage per
+    process; each stage's result is kept until the bundle is written, so a failed run resumes where it stopped."""
+    final = work / f"google-{recipe}-c{args.context}.litertlm"
+    if final.is_file():
+        return final
+    stages = work / f"google-{recipe}-c{args.context}.stages"
+    script = [PY, REPO / "benchmarks" / "peers" / "google_bundle.py"]
+    common = ["--checkpoint", ckpt, "--out", stages, "--recipe", recipe, "--cache-length", args.context]
+
+    def stage(name: str, *extra) -> Path:
+        done = stages / f"{name}.done.json"
+        if not done.is_file():
+            log_file = work / "logs" / f"google-{recipe}-{name}.log"
+            sh([*script, name.split(":")[0], *common, *extra], log_file=log_file)
+            done.write_text(log_file.read_text().strip().splitlines()[-1])
+        return Path(json.loads(done.read_text())["wrote"])
+
+    quantized = {}
+    for section in ("embedder", "decoder", "ple"):
+        if (stages / f"quantize:{section}.done.json").is_file():
+            quantized[section] = stage(f"quantize:{section}")
+            continue
+        float_model = stage(section)
+        quantized[section] = stage(f"quantize:{section}", "--model", float_model, "--section", section)
+        float_model.unlink(missing_ok=True)  # 9 GB each for the decoder and the per-layer embedder
+    bundle = stage("package", "--models", json.dumps({k: str(v) for k, v in quantized.items()}))
+    bundle.rename(final)
+    shutil.rmtree(stages)
+    return final
 
 
 def bench_litert_lm(bundle: Path, args) -> dict:
@@ -302,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "peers-e2b-int4")
     ap.add_argument("--runtimes", default=",".join(ALL_RUNTIMES))
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--context", type=int, default=4096, help="KV cache length of every LiteRT-LM bundle and ours")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -323,27 +370,31 @@ def main(argv: list[str] | None = None) -> int:
                 runners[name] = (lambda g=lc[q]: bench_llama(lc["bench"], g, args), [lc[q]])
         except RuntimeError as exc:
             errors.update({f"llama.cpp-{q}": str(exc) for q in ("q4_0", "q4_k_m")})
-    if any(r.startswith("ours") or r == "litert-lm/ours-int4" for r in wanted):
-        backends = [b for b, names in (("onnx", ("ours/onnx",)), ("executorch", ("ours/executorch",)),
-                                       ("litert", ("ours/litert", "litert-lm/ours-int4"))) if set(names) & set(wanted)]
+    for key, recipe in OUR_RECIPES.items():
+        mine = {name: how for name, how in OURS.items() if how[0] == key and name in wanted}
+        if not mine:
+            continue
         try:
-            art = ours(args, ckpt, work, backends)
-            for name, backend, folder in (("ours/onnx", "onnx", "onnx"), ("ours/executorch", "executorch", "executorch"),
-                                          ("ours/litert", "litert", "litert"),
-                                          ("litert-lm/ours-int4", "litert-lm", "litert/model.litertlm")):
-                paths = files_under(art / folder) + ([art / "ple.bin"] if backend != "litert-lm" else [])
-                if backend == "litert":  # our engine reads the .tflite models, not the bundle
-                    paths = [p for p in paths if p.suffix != ".litertlm"]
-                if folder.split("/")[0] not in backends:
-                    continue
-                if backend == "litert-lm":
-                    runners[name] = (lambda: bench_litert_lm(art / "litert" / "model.litertlm", args), paths)
-                else:
-                    runners[name] = (lambda b=backend: bench_ours(art, b, args), paths)
+            art = ours(args, ckpt, work, sorted({EXPORTED[b] for _, b, _ in mine.values()}), key, recipe)
         except RuntimeError as exc:
-            errors.update({n: str(exc) for n in ALL_RUNTIMES if n.startswith("ours") or n == "litert-lm/ours-int4"})
-    for name in ("litert-lm/google-int4", "litert-lm/google-mixed48"):
-        errors.setdefault(name, "not built: the litert-torch exporter stage is not part of this harness yet")
+            errors.update({name: str(exc) for name in mine})
+            continue
+        for name, (_, backend, folder) in mine.items():
+            paths = files_under(art / folder) + ([art / "ple.bin"] if backend != "litert-lm" else [])
+            if backend == "litert":  # our engine reads the .tflite models, not the bundle
+                paths = [p for p in paths if p.suffix != ".litertlm"]
+            if backend == "litert-lm":
+                runners[name] = (lambda b=art / folder: bench_litert_lm(b, args), paths)
+            else:
+                runners[name] = (lambda a=art, b=backend: bench_ours(a, b, args), paths)
+    for name, recipe in GOOGLE_RECIPES.items():
+        if name not in wanted:
+            continue
+        try:
+            bundle = google_bundle(args, ckpt, work, recipe)
+            runners[name] = (lambda b=bundle: bench_litert_lm(b, args), [bundle])
+        except RuntimeError as exc:
+            errors[name] = str(exc)
     if args.build_only:
         return 0
     runs: dict[str, list[dict]] = {n: [] for n in wanted if n in runners}
