@@ -194,7 +194,7 @@ def test_text_only_litert_has_no_encoders_and_says_so(text_only):
     assert entry["vision_patches"] is None and entry["audio_frames"] is None
     assert not any(s.startswith(("vision", "audio")) for s in entry["litertlm"]["sections"])
     assert sorted(p.name for p in (out / "litert").iterdir()) == [
-        "decoder.tflite", "embedder.tflite", "model.litertlm", "per_layer_embedder.tflite"]
+        "decoder.tflite", "embedder.tflite", "model.litertlm"]  # the per-layer embedder only inside the bundle
     assert "litert" in m["fidelity"]["backends"]
 
 

@@ -4,9 +4,11 @@ Files (all under the artifact's `litert/` folder):
 
 * `decoder.tflite`: signatures `prefill_<N>` (N = the artifact's max prefill chunk) and `decode`, LiteRT-LM's Gemma 4
   I/O (`export/litert/graphs.py`): caches only for the cache-owning layers, final softcap included.
-* `embedder.tflite` (`embedder`) and `per_layer_embedder.tflite` (`per_layer_embedder`): one token per call, the
-  single signature LiteRT-LM's embedding lookup accepts. Our runtime gathers PLE rows from `ple.bin` instead.
-* `model.litertlm`: the three models + tokenizer + Gemma 4 metadata (`export/litert/bundle.py`), for LiteRT-LM.
+* `embedder.tflite` (`embedder`): one token per call, the single signature LiteRT-LM's embedding lookup accepts.
+* `model.litertlm`: the decoder, the embedder and the per-layer embedder (`per_layer_embedder`, one token per call)
+  + tokenizer + Gemma 4 metadata (`export/litert/bundle.py`), for LiteRT-LM. The per-layer embedder exists only
+  in the bundle: our runtime gathers PLE rows from `ple.bin`, so a copy beside it would be the PLE table on disk a
+  third time.
 
 Quantized checkpoints (`export/litert/quant.py`): the decoder and the two embedders are converted from a model whose
 quantized weights are PLACEHOLDERS (one random tensor per projection kind and shape, shared by the layers; the tied
@@ -209,7 +211,8 @@ def _table_template(job, q, work: Path, role: str, path: str, build) -> tuple[Pa
 
 
 def _export_quantized_text(job, work: Path, out: Path, *, N: int, sample) -> dict[str, Any]:
-    """decoder.tflite, embedder.tflite, per_layer_embedder.tflite with our integers (see the module docstring)."""
+    """decoder.tflite and embedder.tflite into `out`, per_layer_embedder.tflite into `work` (for the bundle only), with
+    our integers (see the module docstring)."""
     from edge_gemma.quantize.schemes import Int8PerChannel
 
     from .graphs import LitertDecoder, LitertEmbedder, LitertPerLayerEmbedder
@@ -252,14 +255,15 @@ def _export_quantized_text(job, work: Path, out: Path, *, N: int, sample) -> dic
             u = assign_uses(fl, tq, [ph])
             if len(u) != 1:
                 raise LitertExportError(f"{role}: expected one table lookup in the converted graph, found {len(u)}")
-            write_with_our_weights(tq, out / f"{role}.tflite", u, load)
+            write_with_our_weights(tq, _model_dir(role, work, out) / f"{role}.tflite", u, load)
             all_uses[role] = u
         report = {"tensors": {}, "differ": [], "unchecked": []}
         expected = set()
         for role, u in all_uses.items():
             names = sorted({x.name for x in u})
             expected |= set(names)
-            r = check_integers(out / f"{role}.tflite", load, names, {x.name: x.factor for x in u})
+            r = check_integers(_model_dir(role, work, out) / f"{role}.tflite", load, names,
+                               {x.name: x.factor for x in u})
             report["tensors"].update(r["tensors"])
             report["differ"] += r["differ"]
             report["unchecked"] += r["unchecked"]
@@ -270,6 +274,11 @@ def _export_quantized_text(job, work: Path, out: Path, *, N: int, sample) -> dic
     return {"weights": f"int{bits}" + (f" block {block}" if block else " channelwise") +
             "; embedding tables and tied head int8 channelwise (our integers and scales)",
             "activations": "dynamic int8 (LiteRT dynamic range)", "tensors": labels, "integer_check": report}
+
+
+def _model_dir(role: str, work: Path, out: Path) -> Path:
+    """Where a text model is written: the per-layer embedder only into the bundle (via the work folder)."""
+    return work if role == "per_layer_embedder" else out
 
 
 def _tower_names(job) -> list[str]:
@@ -339,7 +348,7 @@ def export_backend(job) -> dict[str, Any]:
             log.info("litert: embedders")
             _convert([("embedder", LitertEmbedder(dec.embed_tokens, H), one)], out / "embedder.tflite")
             _convert([("per_layer_embedder", LitertPerLayerEmbedder(ple_table, L, P), one)],
-                     out / "per_layer_embedder.tflite")
+                     work / "per_layer_embedder.tflite")
             del dec, ple_table
         stage = work if job.quantized else out
         vision_patches = None
@@ -377,7 +386,7 @@ def export_backend(job) -> dict[str, Any]:
                 quantize_tflite(work / f"{name}.tflite", out / f"{name}.tflite", bits=8, block=None)
 
         files = {"decoder": "litert/decoder.tflite", "embedder": "litert/embedder.tflite",
-                 "per_layer_embedder": "litert/per_layer_embedder.tflite", "litertlm": "litert/model.litertlm",
+                 "litertlm": "litert/model.litertlm",
                  "vision": "litert/vision.tflite" if vision_patches else None,
                  "audio": "litert/audio.tflite" if audio_frames else None}
         tok_dir = job.artifact_root / "tokenizer"
@@ -391,7 +400,7 @@ def export_backend(job) -> dict[str, Any]:
         stop_str = [s for s in (tok.id_to_token(i) for i in stop) if s]
         bundle = build_litertlm(job.artifact_root / files["litertlm"], config=cfg, tokenizer_dir=tok_dir, context=T,
                                 models={"prefill_decode": out / "decoder.tflite", "embedder": out / "embedder.tflite",
-                                        "per_layer_embedder": out / "per_layer_embedder.tflite", **lm_towers},
+                                        "per_layer_embedder": work / "per_layer_embedder.tflite", **lm_towers},
                                 stop_tokens=stop_str, bos_token=tok.bos_token, work_dir=work,
                                 vision_patches=vision_patches)
     finally:
