@@ -69,17 +69,20 @@ class Model:
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
+        min_p: float = 0.0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         ignore_eos: bool = False,
         draft: str | int = "auto",
+        stop: str | Sequence[str] = (),
     ) -> GenerationOptions:
         return GenerationOptions(
             max_new_tokens=max_new_tokens,
-            sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+            sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                     repetition_penalty=repetition_penalty, seed=seed),
             ignore_eos=ignore_eos,
             draft=draft,
+            stop=stop,
         )
 
     def generate(
@@ -91,8 +94,9 @@ class Model:
         enable_thinking: bool = False,
         **sampling: Any,
     ) -> Generation:
-        """Stream the answer (text pieces). Keyword arguments: max_new_tokens, temperature, top_k, top_p,
-        repetition_penalty, seed, ignore_eos, draft ("auto", "off" or 1..8 drafts per round). `.completion` (after the loop) has the tool calls and the stats."""
+        """Stream the answer (text pieces). Keyword arguments: max_new_tokens, temperature, top_k, top_p, min_p,
+        repetition_penalty, seed, ignore_eos, draft ("auto", "off" or 1..8 drafts per round), stop (a string or
+        strings: the answer ends before the first of them, which is not shown). `.completion` (after the loop) has the tool calls and the stats."""
         return self.engine.generate(
             _messages(messages, system), tools=tools, options=self.options(**sampling), enable_thinking=enable_thinking
         )
@@ -123,6 +127,20 @@ def _stop_ids(config: ModelConfig) -> tuple[int, ...]:
     return tuple(sorted({*config.eos_token_id, *config.text.eos_token_id}))
 
 
+def backend_files(art: Artifact, backend: str) -> list[str]:
+    """The artifact paths (files or folders) a backend reads: its folder; for LiteRT, our engine's models or
+    LiteRT-LM's bundle, not both."""
+    from edge_gemma.runtimes.registry import BACKENDS
+
+    folder = BACKENDS[backend][1]
+    if backend not in ("litert", "litert-lm"):
+        return [folder]
+    files = art.backend_entry(folder).files
+    if backend == "litert-lm":
+        return [files["litertlm"]]
+    return [rel for key, rel in files.items() if rel and key != "litertlm"]
+
+
 def open(  # noqa: A001 - `edge_gemma.open(...)` is the public name
     artifact: str | Path,
     *,
@@ -134,7 +152,7 @@ def open(  # noqa: A001 - `edge_gemma.open(...)` is the public name
     """Open an exported artifact with `backend` (default: the first of onnx, litert, executorch it holds and that
     imports here)."""
     from edge_gemma.ple import PleTable
-    from edge_gemma.runtimes.registry import open_backend
+    from edge_gemma.runtimes.registry import open_backend, resolve_backend
 
     art = Artifact(artifact)
     manifest = art.manifest
@@ -144,6 +162,8 @@ def open(  # noqa: A001 - `edge_gemma.open(...)` is the public name
         tok_dir = manifest["tokenizer"]["dir"]
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{art.root / 'manifest.json'}: missing field {exc}") from None
+    backend = resolve_backend(art, backend)
+    art.check_sha256([*backend_files(art, backend), ple_entry["file"], tok_dir])  # before anything reads them
     processor = Processor.from_dir(art.folder(tok_dir, "tokenizer.dir"), max_soft_tokens=max_soft_tokens)
     ple = PleTable(art.path(ple_entry["file"]), ple_entry)
     try:

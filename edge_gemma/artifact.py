@@ -12,7 +12,10 @@ Layout (schema version 1)::
 Writing goes to a temporary sibling directory that is renamed into place only when every file and the manifest are
 complete, so an export killed half-way leaves no OUT directory (and an existing OUT is replaced only on request).
 Reading validates the schema version and that every file the manifest lists exists with its recorded size;
-`verify()` also recomputes every sha256 (`edge-gemma inspect --verify`).
+`verify()` also recomputes every sha256 (`edge-gemma inspect --verify`). `check_sha256(prefixes)` is what opening a
+model does: the files it is about to use are hashed once (streamed, their pages dropped from the cache afterwards)
+and the result is remembered in a per-user cache (`verified_cache_path()`) keyed by path, inode, size and
+mtime_ns, so a later run costs one `stat` per file.
 
 No torch here: a device reads artifacts with numpy only.
 """
@@ -42,12 +45,46 @@ class ArtifactError(ValueError):
     """An artifact that cannot be used: the message names the file and what is wrong."""
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 22, *, drop_pages: bool = False) -> str:
+    """sha256 of a file, streamed; `drop_pages` asks the kernel to forget the pages read (posix_fadvise DONTNEED),
+    so hashing a table read on demand (ple.bin) does not leave it in the page cache."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+        if drop_pages and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
     return h.hexdigest()
+
+
+def verified_cache_path() -> Path:
+    """The per-user record of files whose sha256 was checked: `$EDGE_GEMMA_VERIFIED_CACHE`, else
+    `$XDG_CACHE_HOME/edge-gemma/verified.json` (`~/.cache/...`)."""
+    if os.environ.get("EDGE_GEMMA_VERIFIED_CACHE"):
+        return Path(os.environ["EDGE_GEMMA_VERIFIED_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edge-gemma" / "verified.json"
+
+
+def _read_verified(path: Path) -> dict[str, list]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # missing or damaged: everything is hashed again
+    return data if isinstance(data, dict) else {}
+
+
+def _write_verified(path: Path, data: dict[str, list]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home: verification still happened, it is just not remembered
+        log.debug("could not record verified files in %s: %s", path, exc)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,6 +307,34 @@ class Artifact:
             if sha256_file(self.root / entry.path) != entry.sha256:
                 bad.append(entry.path)
         return bad
+
+    def check_sha256(self, prefixes: list[str] | tuple[str, ...], *, cache: Path | None = None) -> int:
+        """Refuse to go on unless every file whose path is one of `prefixes` or lies under one of them (a folder)
+        has its manifest sha256. Files verified before, unchanged since (same inode, size and mtime_ns, per the
+        per-user cache), are not hashed again. Returns how many files were hashed."""
+        cache = cache or verified_cache_path()
+        record = _read_verified(cache)
+        hashed = 0
+        for entry in self.files.values():
+            if not any(entry.path == x or entry.path.startswith(x.rstrip("/") + "/") for x in prefixes):
+                continue
+            p = (self.root / entry.path).resolve()
+            st = p.stat()
+            key, stamp = str(p), [st.st_ino, st.st_size, st.st_mtime_ns, entry.sha256]
+            if record.get(key) == stamp:
+                continue
+            log.info("checking the sha256 of %s (%.1f MiB; once per file)", entry.path, st.st_size / 2**20)
+            hashed += 1
+            if sha256_file(p, drop_pages=True) != entry.sha256:
+                record.pop(key, None)
+                _write_verified(cache, record)
+                raise ArtifactError(f"{p}: its sha256 differs from the one in {MANIFEST}: the file is damaged or was "
+                                    "changed after export; export the artifact again (edge-gemma inspect --verify "
+                                    "lists every such file)")
+            record[key] = stamp
+        if hashed:
+            _write_verified(cache, record)
+        return hashed
 
     @property
     def backends(self) -> dict[str, Any]:

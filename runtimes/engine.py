@@ -88,11 +88,18 @@ class GenerationOptions:
     # speculative decoding: "auto" (the controller decides, when the backend has a drafter), "off", or 1..8 drafts
     # per round (an error without a drafter); greedy or sampled (speculative sampling keeps the target's distribution)
     draft: str | int = "auto"
+    # stop strings: the answer ends before the first occurrence of any of them in the generated text, which is not
+    # shown (streamed text holds back what could be the start of one)
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         object.__setattr__(self, "draft", parse_draft(self.draft))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not isinstance(x, str) or not x for x in stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {list(stop)!r}")
+        object.__setattr__(self, "stop", stop)
 
 
 def peak_rss_mb() -> float:
@@ -115,7 +122,7 @@ class GenerationStats:
     decode_s: float
     decode_steps: int
     peak_rss_mb: float
-    stop_reason: str  # "stop_token" | "max_new_tokens" | "context_full" | "interrupted"
+    stop_reason: str  # "stop_token" | "stop_string" | "max_new_tokens" | "context_full" | "interrupted"
     # speculative decoding (None when no round drafted): accepted / drafted, accepted drafts per round, drafts per round
     draft_acceptance: float | None = None
     mean_accepted_tokens: float | None = None
@@ -219,6 +226,36 @@ def _media_spans(kinds: np.ndarray) -> list[tuple[int, int, int]]:
         else:
             i += 1
     return spans
+
+
+class _StopStrings:
+    """Streamed text through stop strings: `feed(piece)` returns what can be shown now, holding back the longest end
+    of the text that could begin a stop string; once one occurs (`hit`), the text before it is all that is shown.
+    `text`: everything shown."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.held, self.text, self.hit = stops, "", "", False
+
+    def feed(self, piece: str) -> str:
+        if not self.stops or self.hit:
+            self.text += "" if self.hit else piece
+            return "" if self.hit else piece
+        buf = self.held + piece
+        found = [i for i in (buf.find(x) for x in self.stops) if i >= 0]
+        if found:
+            self.hit, self.held = True, ""
+            shown = buf[: min(found)]
+        else:
+            keep = max((n for x in self.stops for n in range(min(len(x) - 1, len(buf)), 0, -1)
+                        if buf.endswith(x[:n])), default=0)
+            shown, self.held = buf[: len(buf) - keep], buf[len(buf) - keep:]
+        self.text += shown
+        return shown
+
+    def flush(self) -> str:
+        shown, self.held = self.held, ""
+        self.text += shown
+        return shown
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -442,6 +479,7 @@ class Engine:
         steps = 0
         drafted = accepted = rounds = 0
         reason = "interrupted"
+        stops = _StopStrings(options.stop)
         new = [sampler(np.asarray(logits).reshape(-1), history)]
         try:
             while True:
@@ -456,9 +494,12 @@ class Engine:
                     if tok in self.stop_ids and not options.ignore_eos:
                         reason, done = "stop_token", True
                         break
-                    piece = decoder.feed(tok)
+                    piece = stops.feed(decoder.feed(tok))
                     if piece:
                         yield piece
+                    if stops.hit:
+                        reason, done = "stop_string", True
+                        break
                     if len(out) >= limit:
                         reason = "max_new_tokens" if len(out) >= options.max_new_tokens else "context_full"
                         if reason == "context_full":
@@ -482,9 +523,12 @@ class Engine:
                     new, hidden, n = self._speculative_round(out[-1], hidden, pos, k, sampler, history, controller)
                     drafted, accepted, rounds = drafted + k, accepted + n, rounds + 1
                 decode_s += time.perf_counter() - t
-            tail = decoder.flush()
-            if tail:
-                yield tail
+            if not stops.hit:
+                tail = stops.feed(decoder.flush()) + ("" if stops.hit else stops.flush())
+                if tail:
+                    yield tail
+                if stops.hit:
+                    reason = "stop_string"
         finally:
             stats = GenerationStats(
                 prompt_tokens=S, reused_tokens=reuse, prefilled_tokens=S - reuse, new_tokens=len(out),
@@ -495,7 +539,7 @@ class Engine:
                 draft_len=drafted / rounds if rounds else None,
             )
             self.last_stats = stats
-        text = self.tokenizer.decode(out)
+        text = stops.text if options.stop else self.tokenizer.decode(out)
         return Completion(text=text, response=_parse(text), token_ids=tuple(out), stats=stats)
 
     def _token_inputs(self, ids: Sequence[int], *, ple: bool = True) -> tuple[np.ndarray, np.ndarray | None]:

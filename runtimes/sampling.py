@@ -1,7 +1,7 @@
-"""Next-token selection in numpy: greedy, temperature, top-k, top-p, repetition penalty, seeded.
+"""Next-token selection in numpy: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded.
 
 The order of the filters is transformers' (`generate`'s logits processors): repetition penalty, temperature, top-k,
-top-p, then a draw from the remaining distribution. Temperature 0 means greedy (argmax; the lowest id wins a tie,
+top-p, min-p, then a draw from the remaining distribution. Temperature 0 means greedy (argmax; the lowest id wins a tie,
 as `numpy.argmax` and `torch.argmax` agree).
 """
 
@@ -18,6 +18,7 @@ class SamplingConfig:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off; else drop tokens less likely than min_p x the most likely one
     repetition_penalty: float = 1.0  # 1 = off
     seed: int | None = None
 
@@ -28,6 +29,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
@@ -66,6 +69,13 @@ def filtered_probs(logits: np.ndarray, cfg: SamplingConfig, history: Iterable[in
         drop = before > cfg.top_p
         drop[0] = False
         x[order[drop]] = -np.inf
+    if cfg.min_p > 0.0:
+        # transformers' MinPLogitsWarper: drop a token whose probability is below min_p x the top one's (that
+        # one stays)
+        p = _softmax(x)
+        drop = p < cfg.min_p * p.max()
+        drop[int(np.argmax(p))] = False
+        x = np.where(drop, -np.inf, x)
     return _softmax(x)
 
 

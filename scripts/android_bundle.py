@@ -66,6 +66,10 @@ def bundle_files(artifact_dir: Path) -> dict[str, str]:
     if not isinstance(template, str) or template not in art.files:
         raise BundleError(f"{mpath}: tokenizer.chat_template: expected a file listed in 'files', found {template!r} "
                           f"(the app checks the bundle's chat template by sha256)")
+    try:
+        art.check_sha256([litertlm, template])  # what goes into the app is what was exported
+    except ArtifactError as exc:
+        raise BundleError(str(exc)) from None
     return {"manifest": MANIFEST, "chat_template": template, "litertlm": litertlm}
 
 

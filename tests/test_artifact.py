@@ -153,3 +153,42 @@ def test_a_malformed_manifest_is_a_clear_error(tmp_path, manifest, message):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=message):
         Artifact(out)
+
+
+def test_files_are_used_only_after_their_sha256_and_that_is_remembered(embedded_int8_onnx_artifact, tmp_path,
+                                                                      monkeypatch):
+    """Opening a model hashes the files it will read (the backend's, ple.bin, the tokenizer: not the other
+    backends'), once; a second open only stats them; a byte changed in ple.bin (same size, which used to give
+    `<pad>` x 20 with exit 0) is refused before anything reads it, naming the file."""
+    import shutil
+    from pathlib import Path
+
+    from edge_gemma import api
+    from edge_gemma import artifact as artifact_module
+
+    art = tmp_path / "art"
+    shutil.copytree(embedded_int8_onnx_artifact, art)
+    monkeypatch.setenv("EDGE_GEMMA_VERIFIED_CACHE", str(tmp_path / "verified.json"))
+    hashed: list[str] = []
+    real = artifact_module.sha256_file
+    monkeypatch.setattr(artifact_module, "sha256_file",
+                        lambda p, *a, **k: hashed.append(Path(p).relative_to(art.resolve()).as_posix()) or real(p, *a, **k))
+    with api.open(art, backend="onnx", threads=1) as m:
+        answer = "".join(m.generate("Hi", max_new_tokens=3))
+    listed = set(Artifact(art).files)
+    used = {p for p in listed if p.startswith(("onnx/", "tokenizer/")) or p == "ple.bin"}
+    assert set(hashed) == used and len(hashed) == len(used)
+    assert json.loads((tmp_path / "verified.json").read_text())  # remembered
+
+    hashed.clear()
+    with api.open(art, backend="onnx", threads=1) as m:
+        assert "".join(m.generate("Hi", max_new_tokens=3)) == answer
+    assert hashed == []  # a stat per file
+
+    ple = art / "ple.bin"
+    data = bytearray(ple.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    ple.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"ple\.bin: its sha256 differs from the one in manifest\.json"):
+        api.open(art, backend="onnx", threads=1)
+    assert hashed == ["ple.bin"]  # only the changed file was hashed again

@@ -181,8 +181,27 @@ def test_closed_stdout_pipe_ends_quietly():
 
 @pytest.mark.parametrize("flag,value,says", [("--threads", "-1", ">= 1"), ("--temperature", "nan", "not a finite"),
                                               ("--top-p", "0", "> 0"), ("--max-new-tokens", "0", ">= 1"),
-                                              ("--temperature", "-0.5", ">= 0")])
+                                              ("--temperature", "-0.5", ">= 0"), ("--min-p", "1.5", "<= 1"),
+                                              ("--min-p", "-0.1", ">= 0")])
 def test_out_of_range_numbers_are_refused_at_parse_time(flag, value, says):
     r = cli("run", "default", "--prompt", "hi", flag, value)
     assert r.returncode == 2 and re.search(rf"argument (-\w/)?{flag}:", r.stderr) and says in r.stderr
     assert r.stdout == ""
+
+
+def test_greedy_stop_and_min_p_reach_the_generation(eager_answer):
+    """`--greedy` overrides a temperature (the greedy answer, whatever the seed); `--stop` ends the answer before
+    the text (here the answer's second word, so the output is its first word); `--min-p` is passed on (1.0 keeps
+    only the top token: sampling at any temperature gives the greedy answer)."""
+    base = ("run", "default", "--context", "256", "--prompt", "Return the absolute value.", "--max-new-tokens", "6")
+    r = cli(*base, "--temperature", "1.5", "--seed", "3", "--greedy")
+    assert r.returncode == 0 and r.stdout == eager_answer + "\n", r.stderr
+    r = cli(*base, "--temperature", "1.5", "--seed", "3", "--min-p", "1")
+    assert r.returncode == 0 and r.stdout == eager_answer + "\n", r.stderr
+    words = eager_answer.split(" ")
+    assert len(words) > 1 and words[1]
+    stop = " " + words[1]
+    r = cli(*base, "--stop", stop, "--stop", "unlikely-never-said")
+    assert r.returncode == 0 and r.stdout == eager_answer[: eager_answer.find(stop)] + "\n", r.stderr
+    r = cli(*base, "--stop", "")
+    assert r.returncode != 0 and "--stop needs a non-empty text" in r.stderr

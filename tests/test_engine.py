@@ -320,3 +320,54 @@ def test_a_generation_left_early_holds_the_engine_until_closed(model):
         next(second)
     first.close()
     assert eng.generate(messages, options=opts).result().stats.new_tokens >= 1
+
+
+@pytest.mark.unit
+def test_stop_strings_show_exactly_the_text_before_the_first_one():
+    """Against the definition (the text up to the first occurrence of any stop string), for every way of cutting the
+    text into streamed pieces, stop strings split across pieces included."""
+    import itertools
+    import random
+
+    from edge_gemma.runtimes.engine import _StopStrings
+
+    rng = random.Random(0)
+    cases = [("Hello END world", ("END",)), ("abcabd", ("abd",)), ("aaab", ("aab",)), ("no stop here", ("xyz",)),
+             ("x</s>y<|end|>z", ("<|end|>", "</s>")), ("STOP", ("STOP",)), ("ab", ("abc",)), ("2+2=4\n\nQ:", ("\n\n",))]
+    for text, stops in cases:
+        found = [i for i in (text.find(s) for s in stops) if i >= 0]
+        want = text[: min(found)] if found else text
+        cuts_all = [c for r in range(len(text)) for c in itertools.combinations(range(1, len(text)), r)]
+        for cuts in rng.sample(cuts_all, min(60, len(cuts_all))):
+            bounds = (0, *cuts, len(text))
+            pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+            s = _StopStrings(stops)
+            shown = ""
+            for piece in pieces:
+                shown += s.feed(piece)
+                assert not any(x in shown for x in stops)
+                if s.hit:
+                    break
+            if not s.hit:
+                shown += s.flush()
+            assert shown == want and s.text == want and s.hit == bool(found), (text, stops, pieces)
+
+
+def test_generation_ends_before_a_stop_string(model):
+    from edge_gemma.runtimes.engine import Engine
+
+    tok = model.processor.tokenizer
+    script = tok.encode("def f(x):\n    return x\n\n\nprint(f(2))")
+    forced = ForcedBackend(model.backend, script + [tok.special.stop_ids[0]])
+    engine = Engine(forced, model.processor, model.engine.ple, pad_token_id=model.config.text.pad_token_id,
+                    multimodal_token_ids=model.config.multimodal_token_ids)
+    messages = [{"role": "user", "content": "Write f."}]
+    forced.prompt_end = engine.prepare(messages).input_ids.size
+    gen = engine.generate(messages, options=GenerationOptions(max_new_tokens=64, stop=("\n\n",)))
+    pieces = list(gen)
+    assert "".join(pieces) == "def f(x):\n    return x"
+    assert gen.completion.text == "def f(x):\n    return x"
+    assert gen.completion.stats.stop_reason == "stop_string"
+    assert len(gen.completion.token_ids) < len(script)  # it stopped there, not at the end of the script
+    with pytest.raises(ValueError, match="non-empty"):
+        GenerationOptions(stop=("",))

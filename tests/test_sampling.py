@@ -18,11 +18,14 @@ def test_greedy_is_argmax_and_top_k_1_is_greedy():
     assert Sampler(SamplingConfig(temperature=0.7, top_k=1, seed=3))(x) == int(np.argmax(x))
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,penalty", [(0.7, 0, 1.0, 1.0), (1.3, 10, 1.0, 1.0), (1.0, 0, 0.8, 1.0), (0.9, 20, 0.9, 1.3)])
-def test_filters_equal_transformers_processors(temperature, top_k, top_p, penalty):
+@pytest.mark.parametrize("temperature,top_k,top_p,penalty,min_p", [
+    (0.7, 0, 1.0, 1.0, 0.0), (1.3, 10, 1.0, 1.0, 0.0), (1.0, 0, 0.8, 1.0, 0.0), (0.9, 20, 0.9, 1.3, 0.0),
+    (1.0, 0, 1.0, 1.0, 0.05), (0.8, 30, 0.95, 1.1, 0.1), (1.5, 0, 1.0, 1.0, 1.0)])
+def test_filters_equal_transformers_processors(temperature, top_k, top_p, penalty, min_p):
     torch = pytest.importorskip("torch")
     from transformers.generation.logits_process import (
-        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+        TopPLogitsWarper,
     )
 
     x = _logits(1)
@@ -36,8 +39,11 @@ def test_filters_equal_transformers_processors(temperature, top_k, top_p, penalt
         t = TopKLogitsWarper(top_k)(ids, t)
     if top_p < 1.0:
         t = TopPLogitsWarper(top_p)(ids, t)
+    if min_p:
+        t = MinPLogitsWarper(min_p)(ids, t)
     ref = torch.softmax(t, -1)[0].numpy()
-    ours = filtered_probs(x, SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty), history)
+    ours = filtered_probs(x, SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                            repetition_penalty=penalty), history)
     np.testing.assert_allclose(ours, ref, atol=1e-9)
     assert ((ours == 0) == (ref == 0)).all()
 
@@ -69,7 +75,15 @@ def test_top_p_keeps_the_nucleus_only():
     np.testing.assert_allclose(p, [0.625, 0.375, 0, 0])
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0), dict(top_p=1.5), dict(repetition_penalty=0)])
+def test_min_p_keeps_tokens_at_least_that_fraction_of_the_top_one():
+    x = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    p = filtered_probs(x, SamplingConfig(temperature=1.0, min_p=0.2))  # threshold 0.1: drops 0.05 only
+    np.testing.assert_allclose(p, np.array([0.5, 0.3, 0.15, 0]) / 0.95)
+    assert Sampler(SamplingConfig(temperature=2.0, min_p=1.0, seed=0))(x) == 0  # only the top token is left
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0), dict(top_p=1.5), dict(repetition_penalty=0),
+                                dict(min_p=-0.1), dict(min_p=1.5)])
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError):
         SamplingConfig(**kw)

@@ -348,10 +348,14 @@ def test_controller_estimates_the_acceptance_of_a_tested_draft():
 
 def test_a_damaged_onnx_graph_is_a_clear_error_naming_the_file(embedded_int8_onnx_artifact, tmp_path):
     """Bytes of decoder.onnx overwritten (the size unchanged, so opening the artifact passes): `run` exits 2 with
-    one line naming the file, no traceback."""
+    one line naming the file (its sha256 differs), no traceback; and the ONNX backend opened directly, without that
+    check, says ONNX Runtime cannot load it."""
     import shutil
 
-    from artifact_builder import cli
+    from artifact_builder import cli, cli_env
+
+    from edge_gemma.artifact import Artifact, ArtifactError
+    from edge_gemma.runtimes.onnx import OnnxBackend
 
     copy_ = tmp_path / "damaged"
     shutil.copytree(embedded_int8_onnx_artifact, copy_)
@@ -359,7 +363,10 @@ def test_a_damaged_onnx_graph_is_a_clear_error_naming_the_file(embedded_int8_onn
     data = bytearray(graph.read_bytes())
     data[100:200] = b"\xff" * 100
     graph.write_bytes(bytes(data))
-    r = cli("run", str(copy_), "-p", "hi", "-n", "2")
+    env = {**cli_env(), "EDGE_GEMMA_VERIFIED_CACHE": str(tmp_path / "verified.json")}
+    r = cli("run", str(copy_), "-p", "hi", "-n", "2", env=env)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert f"{graph}: ONNX Runtime cannot load this graph (InvalidProtobuf" in r.stderr
+    assert f"{graph.resolve()}: its sha256 differs from the one in manifest.json" in r.stderr
     assert "Traceback" not in r.stderr
+    with pytest.raises(ArtifactError, match=rf"{graph}: ONNX Runtime cannot load this graph \(InvalidProtobuf"):
+        OnnxBackend(Artifact(copy_), threads=1)

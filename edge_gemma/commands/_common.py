@@ -48,9 +48,15 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
     parser.add_argument("-n", "--max-new-tokens", type=positive_int, default=max_new_tokens,
                         help=f"stop after this many new tokens (default {max_new_tokens})")
     parser.add_argument("--temperature", type=_number(float, low=0.0), default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--greedy", action="store_true",
+                        help="greedy decoding (temperature 0, whatever --temperature says): reproducible output")
     parser.add_argument("--top-k", type=_number(int, low=0), default=0, help="0 = off")
     parser.add_argument("--top-p", type=_number(float, low=0.0, high=1.0, low_open=True), default=1.0,
                         help="in (0, 1]; 1 = off")
+    parser.add_argument("--min-p", type=_number(float, low=0.0, high=1.0), default=0.0,
+                        help="in [0, 1]: drop tokens less likely than this fraction of the most likely one; 0 = off")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end the answer before this text (not shown); repeat for several")
     parser.add_argument("--repetition-penalty", type=_number(float, low=0.0, low_open=True), default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (the same seed, the same answer)")
     add_draft_argument(parser)
@@ -66,8 +72,11 @@ def add_draft_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, draft=args.draft)
+    if any(not s for s in args.stop):
+        raise ValueError("--stop needs a non-empty text")
+    return dict(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                seed=args.seed, draft=args.draft, stop=tuple(args.stop))
 
 
 def is_artifact(path: str) -> bool:

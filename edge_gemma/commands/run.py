@@ -57,12 +57,20 @@ def user_content(prompt: str, images: list[str], audios: list[str]):
 def _run_litert_lm(args: argparse.Namespace) -> int:
     """`--backend litert-lm`: the artifact's .litertlm in Google's LiteRT-LM engine (its own template, tokenizer,
     image resizing and log-mel); images and audio go in as content parts when the bundle has their sections."""
+    from edge_gemma.api import backend_files
     from edge_gemma.artifact import Artifact
     from edge_gemma.runtimes.litert_lm import open_engine
 
     if args.tools:
         raise ValueError("--backend litert-lm: --tools is not passed to LiteRT-LM here; use --backend onnx or litert")
-    with open_engine(Artifact(args.artifact), threads=args.threads) as engine:
+    if args.stop or args.min_p:
+        raise ValueError("--backend litert-lm: --stop and --min-p are not passed to LiteRT-LM; use --backend onnx, "
+                         "litert or executorch")
+    if args.greedy:
+        args.temperature = 0.0
+    art = Artifact(args.artifact)
+    art.check_sha256(backend_files(art, "litert-lm"))
+    with open_engine(art, threads=args.threads) as engine:
         for piece in engine.chat(user_content(args.prompt, args.image, args.audio), system=args.system, max_new_tokens=args.max_new_tokens,
                                  greedy=args.temperature == 0, temperature=args.temperature or None,
                                  top_k=args.top_k or None, top_p=args.top_p, seed=args.seed):
