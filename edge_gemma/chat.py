@@ -7,7 +7,10 @@ Rendering (:func:`render`) runs the checkpoint's ``chat_template.jinja`` in jinj
 ``lstrip_blocks``, ``loopcontrols``, ``tojson``, ``raise_exception``, ``strftime_now``, ``namespace``), because a
 template is code from a downloaded file: the sandbox refuses access to Python internals (``__class__``,
 ``__globals__`` ...) and raises :class:`ChatTemplateError`. What the template sees is rebuilt from plain JSON types
-(media objects become an inert placeholder string), as ``transformers`` does.
+(media objects become an inert placeholder string), as ``transformers`` does. Rendering is bounded: at most
+``MAX_RENDER_CHARS`` of output and ``RENDER_SECONDS`` of time (in the main thread, where a timer signal can stop a
+loop that prints nothing), ``*`` and ``**`` refused when they would build a value beyond that size, and a runaway
+recursion reported: each a :class:`ChatTemplateError` naming what was exceeded.
 
 Message format (the Hugging Face one the template expects)::
 
@@ -32,6 +35,9 @@ import json
 import logging
 import math
 import re
+import signal
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -245,9 +251,27 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+MAX_RENDER_CHARS = 16_000_000  # far beyond any context's worth of prompt text (128k tokens ~ 0.5 M characters)
+RENDER_SECONDS = 10.0  # the Gemma 4 template renders a long conversation in milliseconds
+
+
 class _StrictSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
     """The sandbox raises at once on an unsafe attribute (``__class__``, ``__globals__``, ``mro`` ...): jinja2's
-    default would return an undefined that prints as an empty string and only fails when used further."""
+    default would return an undefined that prints as an empty string and only fails when used further. ``*`` and
+    ``**`` are checked before they run (``'a' * 10**12`` or ``9 ** 999999`` would exhaust memory or time)."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDER_CHARS:
+                    raise jinja2.exceptions.SecurityError(
+                        f"'*' would build a {type(seq).__name__} of {len(seq) * n} items (limit {MAX_RENDER_CHARS})")
+        elif isinstance(left, int) and isinstance(right, int) and right > 0 \
+                and abs(left) > 1 and right * math.log2(abs(left)) > 65536:
+            raise jinja2.exceptions.SecurityError(f"'**' would build an integer of over 65536 bits ({left} ** {right})")
+        return super().call_binop(context, operator, left, right)
 
     def unsafe_undefined(self, obj, attribute):
         raise jinja2.exceptions.SecurityError(
@@ -323,6 +347,8 @@ def render(
     bos_token: str = "<bos>",
     special_tokens: Mapping[str, str] | None = None,
     mark_user_text: tuple[str, str] | None = None,
+    max_chars: int = MAX_RENDER_CHARS,
+    seconds: float = RENDER_SECONDS,
     **template_kwargs: Any,
 ) -> str:
     """Render a conversation with the checkpoint's chat template, as ``transformers``' ``apply_chat_template``.
@@ -342,19 +368,68 @@ def render(
     if enable_thinking:
         variables["enable_thinking"] = True
     compiled = _compile(template)
+    context = dict(
+        messages=_mark_user_text(_plain(list(messages)), mark_user_text) if mark_user_text else
+        _plain(list(messages)),
+        tools=_plain(declared),
+        documents=None,
+        add_generation_prompt=add_generation_prompt,
+        **_plain(variables),
+    )
     try:
-        return compiled.render(
-            messages=_mark_user_text(_plain(list(messages)), mark_user_text) if mark_user_text else
-            _plain(list(messages)),
-            tools=_plain(declared),
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **_plain(variables),
-        )
+        with _time_limit(seconds):
+            return _bounded(compiled.generate(**context), max_chars, seconds)
+    except _RenderTimeout:
+        raise ChatTemplateError(f"chat template: rendering took over {seconds:g} s (a template loops too long)") \
+            from None
+    except RecursionError:
+        raise ChatTemplateError("chat template: rendering failed (recursion too deep: a macro calls itself without "
+                                "end)") from None
+    except MemoryError:
+        raise ChatTemplateError("chat template: rendering failed (out of memory)") from None
     except jinja2.exceptions.SecurityError as e:
         raise ChatTemplateError(f"chat template: refused by the sandbox ({e})") from e
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"chat template: rendering failed ({type(e).__name__}: {e})") from e
+
+
+class _RenderTimeout(Exception):
+    pass
+
+
+def _bounded(chunks, max_chars: int, seconds: float) -> str:
+    """Join the rendered chunks, stopping at `max_chars` or `seconds` (checked between chunks)."""
+    out, n, deadline = [], 0, time.monotonic() + seconds
+    for chunk in chunks:
+        n += len(chunk)
+        if n > max_chars:
+            raise ChatTemplateError(f"chat template: the rendered prompt is over {max_chars} characters")
+        if time.monotonic() > deadline:
+            raise _RenderTimeout
+        out.append(chunk)
+    return "".join(out)
+
+
+class _time_limit:  # noqa: N801 - used as a context manager
+    """SIGALRM after `seconds` in the main thread (elsewhere only `_bounded`'s checks between chunks apply)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.armed = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+                      and signal.getitimer(signal.ITIMER_REAL)[0] == 0.0)
+
+    def __enter__(self):
+        if self.armed:
+            def expire(signum, frame):
+                raise _RenderTimeout
+            self.previous = signal.signal(signal.SIGALRM, expire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc):
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0.0)
+            signal.signal(signal.SIGALRM, self.previous)
 
 
 # ---------------------------------------------------------------------------------------------- parsing
