@@ -122,8 +122,8 @@ def test_chunked_prefill_is_exact_in_float64(tiny_checkpoints):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_one_query_key_major_attention_matches_reference(pair, tiny_checkpoints, variant):
-    """The one-token attention the ExecuTorch exporter swaps in (`export/executorch/swaps.KeyMajorSDPA`: scores as
-    K @ q^T, an additive mask) over the used slots only (`UsedSlotsMasks`: a chunk ending at position p reads slots
+    """The attention the ExecuTorch exporter swaps in (`export/executorch/swaps.KeyMajorSDPA`: one-token steps as
+    K @ q^T with an additive mask, chunks written out without SDPA's fully-hidden-row checks) over the used slots only (`UsedSlotsMasks`: a chunk ending at position p reads slots
     0..p) gives the reference's logits at every decode step after a prefill longer than the sliding window, and the
     reference's greedy tokens."""
     from edge_gemma.export.executorch.swaps import KeyMajorSDPA, UsedSlotsMasks, replace_for_executorch
@@ -138,10 +138,11 @@ def test_one_query_key_major_attention_matches_reference(pair, tiny_checkpoints,
     ids = prompt(model, long_len(model) + 6, seed=5)
     S, P = ids.shape[1], ids.shape[1] - 6
     calls, grouped = [], []
-    swapped, fallback = KeyMajorSDPA.forward, GroupedSDPA.forward
+    swapped, chunk = KeyMajorSDPA.forward, KeyMajorSDPA._chunk
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(KeyMajorSDPA, "forward", lambda self, q, kv, m: calls.append(m.shape[-1]) or swapped(self, q, kv, m))
-        mp.setattr(GroupedSDPA, "forward", lambda self, *a: grouped.append(1) or fallback(self, *a))
+        mp.setattr(KeyMajorSDPA, "_chunk", staticmethod(lambda *a: grouped.append(1) or chunk(*a)))
+        mp.setattr(GroupedSDPA, "forward", lambda *a: pytest.fail("the swapped attention fell back to SDPA"))
         expected = ref(input_ids=ids).logits
         lm.reset_caches()
         embeds, ple_ids = model.embed(ids)
@@ -150,7 +151,7 @@ def test_one_query_key_major_attention_matches_reference(pair, tiny_checkpoints,
         steps += [lm(embeds[:, t:t + 1], rows[:, t:t + 1], torch.tensor([t])) for t in range(P, S)]
     assert len(calls) == 7 * len(lm.layers)
     assert calls == [end for end in range(P, S + 1) for _ in lm.layers]  # slots 0 .. last position, never 128
-    assert len(grouped) == len(lm.layers)  # the one-token steps took the key-major path, the prefill did not
+    assert len(grouped) == len(lm.layers)  # the one-token steps took the key-major path, the prefill the chunk one
     got = torch.cat(steps, dim=1)
     assert (got - expected[:, P - 1:]).abs().max().item() <= 1e-4
     with torch.no_grad():

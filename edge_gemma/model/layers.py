@@ -19,7 +19,9 @@ class RMSNorm(nn.Module):
     """Gemma 4 RMSNorm: `x * (mean(x^2) + eps)^-0.5 * w`, with NO `1 + w` offset (unlike Gemma 2/3).
 
     Computed in float32 and cast back, and with `torch.pow(ms + eps, -0.5)` rather than `rsqrt`: that is what the
-    reference does (to match JAX), so parity is bit-exact on CPU. `with_scale=False` is the weightless form used by
+    reference does (to match JAX), so parity is bit-exact on CPU. The square is `h * h`, which equals the
+    reference's `h.pow(2)` bit for bit (IEEE multiplication and a correctly rounded pow agree), and lowers to a
+    multiply every backend delegates (ExecuTorch ran `pow` on its single-threaded portable kernel). `with_scale=False` is the weightless form used by
     the vision `v_norm` and the multimodal pre-projection norms.
     """
 
@@ -31,7 +33,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
-        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        h = h * torch.pow((h * h).mean(-1, keepdim=True) + self.eps, -0.5)  # h * h: pow(h, 2) exactly
         if self.with_scale:
             h = h * self.weight.float()
         return h.type_as(x)

@@ -55,7 +55,7 @@ class KeyMajorSDPA(GroupedSDPA):
         kv = _used(kv, mask)
         B, nh, S, hd = q.shape
         if not (isinstance(S, int) and S == 1 and mask.shape[0] == 1):
-            return super().forward(q, kv, mask)
+            return self._chunk(q, kv, mask)
         k, v = (t.to(q.dtype) for t in kv)
         nkv, T = k.shape[1], k.shape[2]
         rep = nh // nkv
@@ -65,6 +65,26 @@ class KeyMajorSDPA(GroupedSDPA):
         p = torch.softmax(scores + bias, dim=1)
         out = torch.bmm(p.transpose(1, 2), v.reshape(B * nkv, T, hd))  # (B*nkv, rep, hd)
         return out.reshape(B, 1, nh * hd)
+
+
+    @staticmethod
+    def _chunk(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """Several queries: `GroupedSDPA`'s attention written out (scores, an additive mask, softmax, values).
+        `scaled_dot_product_attention` decomposes into `_safe_softmax`, whose check for fully hidden rows (`eq`,
+        `any`, `logical_not`, `where` over every score of every layer) ran on portable kernels; a causal mask
+        always shows a query its own position, so no row is fully hidden."""
+        k, v = (t.to(q.dtype) for t in kv)
+        B, nh, S, hd = q.shape
+        nkv = k.shape[1]
+        rep = nh // nkv
+        b, _, _, T = mask.shape
+        bias = torch.where(mask, 0.0, float("-inf")).to(q.dtype)  # (b, 1, S, T), before the heads' expansion
+        if rep > 1:
+            bias = bias.unsqueeze(2).expand(b, 1, rep, S, T).reshape(b, 1, rep * S, T)
+        scores = torch.matmul(q.reshape(B, nkv, rep * S, hd), k.transpose(2, 3))  # scale 1.0
+        out = torch.matmul(torch.softmax(scores + bias, dim=-1), v)  # (B, nkv, rep*S, hd)
+        out = out.view(B, nkv, rep, S, hd).permute(0, 3, 1, 2, 4)
+        return out.clone(memory_format=torch.contiguous_format).view(B, S, nh * hd)
 
 
 def replace_for_executorch(decoder: nn.Module, head: nn.Module | None = None) -> nn.Module:
