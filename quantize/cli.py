@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default="int4", choices=sorted(RECIPES),
                         help="quantization recipe (default: int4); written into quant_manifest.json")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--force", "--overwrite", dest="overwrite", action="store_true",
+                        help="replace --out if it exists (as `export --force`; --overwrite is the older spelling)")
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size limit in GiB (default 2)")
     parser.add_argument("--chunk-mb", type=int, default=32, help="float32 MiB processed at once (bounds memory)")
     parser.add_argument("--report-top", type=int, default=None,
@@ -83,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
     full = args.report == "full" or (
         args.report is None and has_tokenizer and num_parameters(src) < FULL_REPORT_MAX_PARAMS
     )
+    if args.report is None and not full:
+        why = ("the checkpoint has no tokenizer (tokenizer.json or tokenizer.model) to read the held-out text with"
+               if not has_tokenizer else f"it has {FULL_REPORT_MAX_PARAMS / 1e9:g} billion parameters or more "
+               "(the model-level figures load the float text model)")
+        print(f"model-level figures (KL, top-1 agreement, perplexity) skipped: {why}; --report full asks for them",
+              file=sys.stderr)
     if full:
         from .calibrate import quality_report
 

@@ -205,3 +205,17 @@ def test_greedy_stop_and_min_p_reach_the_generation(eager_answer):
     assert r.returncode == 0 and r.stdout == eager_answer[: eager_answer.find(stop)] + "\n", r.stderr
     r = cli(*base, "--stop", "")
     assert r.returncode != 0 and "--stop needs a non-empty text" in r.stderr
+
+
+def test_quantize_says_why_it_skips_the_model_level_figures_and_takes_force(tiny_checkpoints, tmp_path):
+    """A checkpoint without a tokenizer gets the per-tensor report and one line saying why the model-level figures
+    were skipped; `--force` replaces an earlier output (`--overwrite` is the older spelling), as in `export`."""
+    src, out = tiny_checkpoints["a"], tmp_path / "q"
+    assert not (src / "tokenizer.json").exists() and not (src / "tokenizer.model").exists()
+    r = cli("quantize", str(src), "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "model-level figures (KL, top-1 agreement, perplexity) skipped: the checkpoint has no tokenizer" in r.stderr
+    assert cli("quantize", str(src), "--out", str(out), "--no-progress").returncode != 0  # exists: refused
+    for flag in ("--force", "--overwrite"):
+        r = cli("quantize", str(src), "--out", str(out), "--no-progress", flag)
+        assert r.returncode == 0, r.stderr

@@ -201,7 +201,7 @@ def ours(args, ckpt: Path, work: Path, backends: list[str], key: str = "int4", r
     `ours-<key>`)."""
     quantized = work / f"ours-{key}-quantized"
     if not (quantized / "quant_manifest.json").is_file():
-        sh([CLI, "quantize", ckpt, "--recipe", recipe, "--out", quantized, "--overwrite", "--no-progress"],
+        sh([CLI, "quantize", ckpt, "--recipe", recipe, "--out", quantized, "--force", "--no-progress"],
            log_file=work / "logs" / f"ours-{key}-quantize.log")
     artifact = work / f"ours-{key}"
     manifest = artifact / "manifest.json"
