@@ -374,12 +374,21 @@ def main(argv: list[str] | None = None) -> int:
         mine = {name: how for name, how in OURS.items() if how[0] == key and name in wanted}
         if not mine:
             continue
+        needed = sorted({EXPORTED[b] for _, b, _ in mine.values()})
         try:
-            art = ours(args, ckpt, work, sorted({EXPORTED[b] for _, b, _ in mine.values()}), key, recipe)
-        except RuntimeError as exc:
-            errors.update({name: str(exc) for name in mine})
+            art = ours(args, ckpt, work, needed, key, recipe)
+        except RuntimeError:  # one exporter refused (LiteRT takes one scheme per decoder linear): the others alone
+            art = None
+            for exported in needed:
+                try:
+                    art = ours(args, ckpt, work, [exported], key, recipe)
+                except RuntimeError as exc:
+                    errors.update({n: str(exc) for n, (_, b, _) in mine.items() if EXPORTED[b] == exported})
+        if art is None:
             continue
         for name, (_, backend, folder) in mine.items():
+            if name in errors:
+                continue
             paths = files_under(art / folder) + ([art / "ple.bin"] if backend != "litert-lm" else [])
             if backend == "litert":  # our engine reads the .tflite models, not the bundle
                 paths = [p for p in paths if p.suffix != ".litertlm"]
