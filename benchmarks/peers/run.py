@@ -73,7 +73,9 @@ def sh(cmd: list[str], *, log_file: Path, env: dict | None = None, cwd: Path | N
     with log_file.open("w") as f:
         r = subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     if r.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed with status {r.returncode}; see {log_file}")
+        last = next((line.strip() for line in reversed(log_file.read_text(errors="replace").splitlines())
+                     if line.strip()), "")
+        raise RuntimeError(f"{Path(str(cmd[0])).name} failed with status {r.returncode} ({last[:300]}); see {log_file}")
 
 
 def _child_rss(cmd: list[str]) -> tuple[str, float]:
