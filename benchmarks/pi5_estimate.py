@@ -47,7 +47,7 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class X86Measured:
-    """benchmarks/README.md, "The peers side by side" (rerun 2026-12-07 16:57 UTC): `make bench-peers`, synthetic
+    """benchmarks/README.md, "The peers side by side" (2026-12-07, 22:48-22:58 UTC): `make bench-peers`, synthetic
     full-size E2B int4 text-only artifact, 512-token prompt, 128 new tokens, 2 threads, medians of 3 interleaved
     fresh processes, onnxruntime 1.32.0 with the sliced head and the released scale pages, a 2-core AMD EPYC VM
     (AVX-512 VNNI) with nothing else running; the graph attends over the cache slots in use (buckets of 64). The
@@ -58,10 +58,10 @@ class X86Measured:
     prefill_chunk: int = 128
     prompt_tokens: int = 512
     new_tokens: int = 128
-    prefill_tok_s_median: float = 249.17
-    prefill_tok_s_best: float = 273.77
-    decode_tok_s_median: float = 19.29
-    decode_tok_s_best: float = 21.31
+    prefill_tok_s_median: float = 273.11
+    prefill_tok_s_best: float = 277.70
+    decode_tok_s_median: float = 18.15
+    decode_tok_s_best: float = 21.26
     decoder_data_bytes: float = 1.515 * GIB  # `du` of the bench-peers artifact's decoder.onnx.data (1627090944 B)
 
 
@@ -76,10 +76,10 @@ class Peer:
     pi5_decode_tok_s: float
 
 
-PEERS = (  # llama.cpp's x86 figures: Q4_0 in the same bench-peers run as X86Measured; LiteRT-LM's: peers.md
-    Peer(name="llama.cpp Q4_0 / Q4_K_M", x86_prefill_tok_s=131.31, x86_decode_tok_s=23.22, pi5_prefill_tok_s=28.0,
+PEERS = (  # x86: the same bench-peers run as X86Measured (llama.cpp Q4_0; LiteRT-LM on Google's int4 b32 bundle)
+    Peer(name="llama.cpp Q4_0 / Q4_K_M", x86_prefill_tok_s=125.30, x86_decode_tok_s=21.87, pi5_prefill_tok_s=28.0,
          pi5_decode_tok_s=6.7),
-    Peer(name="LiteRT-LM int4", x86_prefill_tok_s=262.0, x86_decode_tok_s=16.2, pi5_prefill_tok_s=133.0,
+    Peer(name="LiteRT-LM int4", x86_prefill_tok_s=272.15, x86_decode_tok_s=15.35, pi5_prefill_tok_s=133.0,
          pi5_decode_tok_s=8.0),
 )
 
