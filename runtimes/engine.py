@@ -231,15 +231,16 @@ def _media_spans(kinds: np.ndarray) -> list[tuple[int, int, int]]:
 class _StopStrings:
     """Streamed text through stop strings: `feed(piece)` returns what can be shown now, holding back the longest end
     of the text that could begin a stop string; once one occurs (`hit`), the text before it is all that is shown.
-    `text`: everything shown."""
+    `text`: everything shown (kept only when there are stop strings)."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops, self.held, self.text, self.hit = stops, "", "", False
 
     def feed(self, piece: str) -> str:
-        if not self.stops or self.hit:
-            self.text += "" if self.hit else piece
-            return "" if self.hit else piece
+        if not self.stops:
+            return piece  # nothing to hold back; `text` is only read when there are stop strings
+        if self.hit:
+            return ""
         buf = self.held + piece
         found = [i for i in (buf.find(x) for x in self.stops) if i >= 0]
         if found:
