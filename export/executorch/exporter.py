@@ -54,8 +54,8 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
     """Write `out_dir/model.pte` + `out_dir/model.ptd` and return the backend's manifest entry (paths relative to the
     artifact root, i.e. prefixed by `rel_prefix`).
 
-    `precise` (the default) leaves XNNPACK's approximate transcendental kernels (gelu, tanh, exp, softmax, rsqrt, ...)
-    to ExecuTorch's portable kernels, fp32 and quantized alike: delegated, they move the logits by a few hundredths
+    `precise` (the default) leaves XNNPACK's approximate transcendental kernels (gelu, exp, softmax, rsqrt, ...; tanh,
+    within a few ulp, is delegated, GELU written out around it) to ExecuTorch's portable kernels, fp32 and quantized alike: delegated, they move the logits by a few hundredths
     against the XNNPACK-emulated eager model at every position, while the precise program reproduces the int8
     activation rounding exactly (figures in benchmarks/README.md). Every excluded op splits the XNNPACK delegate, so
     there are many partitions (`lower.py` keeps that affordable). `precise=False` (`edge-gemma export

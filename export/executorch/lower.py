@@ -24,9 +24,12 @@ shared by all methods: names must be unique across methods (the towers are scope
 decode share `lm.` because they share the tensors), and const-propagated constants stay in the `.pte` (`_tag`).
 
 Partitioners: `XnnpackDynamicallyQuantizedPartitioner` (the 8da4w / 8da8w linears) then `XnnpackPartitioner`. With
-`precise=True` (what the exporter uses) XNNPACK's transcendental kernels (gelu, tanh, exp, softmax, sin/cos, pow,
-rsqrt, ...) are left to the portable kernels: XNNPACK's approximations move the logits (fp32, and int4 against the
+`precise=True` (what the exporter uses) XNNPACK's transcendental kernels (gelu, exp, softmax, sin/cos, pow, rsqrt,
+...) are left to the portable kernels: XNNPACK's approximations move the logits (fp32, and int4 against the
 emulated eager model) by orders of magnitude more than the precise program does (figures: benchmarks/README.md).
+The one exception is tanh, within a few ulp of torch's: the tanh GELU is written out as torch's CPU kernel computes
+it (`_gelu_explicit`: cube, scale, tanh, the halves) so that XNNPACK runs all of it, instead of the portable `gelu`
+kernel that was the largest share of a prefill chunk.
 
 Lowering a full-size model: seven patches of ExecuTorch's lowering, each a context manager below, active only inside
 `lower_program`: `_short_provenance` (provenance chains copied by every pass), `_one_sort_per_program` (one
@@ -48,6 +51,7 @@ import collections.abc
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import time
 import warnings
@@ -63,7 +67,7 @@ __all__ = ["PRECISE_EXCLUDED", "lower_program", "release_delegated_weights"]
 log = logging.getLogger(__name__)
 
 PTD_TAG = "model"  # -> model.ptd
-PRECISE_EXCLUDED = ("GeluConfig", "TanhConfig", "ExpConfig", "SoftmaxConfig", "SinConfig", "CosConfig", "PowConfig",
+PRECISE_EXCLUDED = ("GeluConfig", "ExpConfig", "SoftmaxConfig", "SinConfig", "CosConfig", "PowConfig",
                     "LogConfig", "SigmoidConfig", "ReciprocalSquareRootConfig", "SquareRootConfig")
 
 
@@ -477,6 +481,21 @@ def _export(module: nn.Module, args: tuple, dynamic_shapes: Any):
         return torch.export.export(unlifted, args, dynamic_shapes=dynamic_shapes, strict=False)
 
 
+_GELU_BETA = math.sqrt(2.0) * (2.0 / math.sqrt(math.pi)) * 0.5  # ATen's kBeta for the tanh GELU
+_GELU_KAPPA = 0.044715
+
+
+def _gelu_explicit(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """`aten.gelu` as elementwise ops, in the order ATen's vectorized CPU kernel evaluates it (GeluKernelImpl:
+    `0.5 x (1 + tanh(kBeta (x + kKappa x^3)))`, `x^3` as `x * x * x`); the exact (erf) form for approximate='none'.
+    Multiplications and additions are IEEE in XNNPACK and the portable kernels alike, so only tanh's last ulps can
+    differ from eager."""
+    if approximate == "tanh":
+        inner = _GELU_BETA * (x + _GELU_KAPPA * (x * x * x))
+        return (0.5 * x) * (1.0 + torch.tanh(inner))
+    return (0.5 * x) * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 def _partitioners(precise: bool) -> list:
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
@@ -516,6 +535,8 @@ def _lower(methods, out_dir: Path, *, precise: bool, name: str) -> dict[str, Any
         log.info("executorch: exporting %s", method)
         unwrap_tensor_subclass(module)
         programs[method] = _export(module, args, dyn)
+        if precise:
+            programs[method] = programs[method].run_decompositions({torch.ops.aten.gelu.default: _gelu_explicit})
         for node in programs[method].graph.nodes:
             node.meta.pop("from_node", None)
     t_export = time.perf_counter() - t0
