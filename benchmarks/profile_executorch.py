@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     module = _load_for_executorch(str(folder / "model.pte"), str(folder / "model.ptd"), enable_etdump=True)
     module.run_method("reset", [])
     rng = np.random.default_rng(0)
+    keep = "keep" in entry["methods"]["prefill"].get("inputs", [])  # programs exported from 2026-12-08 on
     for step in range(args.steps):
         embeds = torch.from_numpy(rng.standard_normal((1, S, H), dtype=np.float32) * 0.1)
         rows = torch.from_numpy(rng.standard_normal((1, S, L, P), dtype=np.float32) * 0.1)
         pos = torch.arange(args.start + step * S, args.start + (step + 1) * S, dtype=torch.int64)
         t0 = time.perf_counter()
-        module.run_method(args.method, [embeds, rows, pos])
+        module.run_method(args.method, [embeds, rows, pos] + ([torch.tensor([S - 1])] if keep else []))
         print(f"step {step}: {(time.perf_counter() - t0) * 1e3:.1f} ms", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -402,8 +402,8 @@ def build_artifact(
     """Export `checkpoint` (a directory, or `default`) to the artifact directory `out`. `text_only`: no vision/audio
     graphs (smaller, faster export); the manifest says `"text_only": true` and the runtime refuses images and audio.
     `drafter`: a Gemma 4 assistant checkpoint directory for speculative decoding, exported beside the target by the
-    backends that support it (ONNX so far); None: the embedded model's own drafter for `default`, none otherwise;
-    False: none."""
+    backends that support it (ONNX and ExecuTorch so far; LiteRT not yet); None: the embedded model's own drafter
+    for `default`, none otherwise; False: none."""
     t0 = time.perf_counter()
     backends = _check_backends(list(backends))
     ckpt = resolve_checkpoint(checkpoint)

@@ -512,7 +512,9 @@ class Engine:
                 pos = S + len(out) - 1  # the last token's position: not in the cache yet
                 t = time.perf_counter()
                 # drafts may not run past the limit (the round adds them plus one) nor past the context
-                k = controller.next_len(min(limit - len(out) - 1, self.context - pos - 1)) if controller else 0
+                room = min(limit - len(out) - 1, self.context - pos - 1,
+                           self.backend.capabilities.max_prefill_chunk - 1)  # a verify call is one chunk
+                k = controller.next_len(room) if controller else 0
                 if k == 0:
                     logits = self.backend.decode(*self._token_inputs([out[-1]]), np.asarray([pos], np.int64))
                     self._cache_keys.append(out[-1])

@@ -1,8 +1,10 @@
 """ExecuTorch backend: runs an artifact's `executorch/model.pte` (+ `model.ptd`) through ExecuTorch's Python runtime.
 
 Methods (see `export/executorch/lower.py`): `embed`, `prefill` (1..max_prefill_chunk tokens), `decode` (one token),
-`vision`, `audio`. The KV caches live INSIDE the program as mutable buffers shared by `prefill` and `decode` (one
-allocation, updated in place): the backend never sees a cache tensor. Slots are indexed by absolute position and
+`vision`, `audio`, and with a drafter `draft` (one draft step over the caches in place; a verify call is a `prefill`
+whose `keep` input names every position, so it returns the logits and hidden states of all of them). The KV caches
+live INSIDE the program as mutable buffers shared by `prefill`, `decode` and `draft` (one allocation, updated in
+place): the backend never sees a cache tensor. Slots are indexed by absolute position and
 masks come from positions, so `reset()` has nothing to clear (stale slots are never visible; the program's own `reset`
 method zeroes them once at load, and every later value is finite) and a rewind simply overwrites positions.
 
@@ -143,15 +145,26 @@ class ExecutorchBackend(Backend):
                                 f"{sorted(wanted)}")
         # Text methods now; a tower's method on first use (loading a method allocates its planned activation
         # memory, sized for the largest input its dynamic shapes allow).
-        self._wanted = wanted
-        self._methods = {m: self._program.load_method(m) for m in ("embed", "prefill", "decode")}
+        # `keep` (exports from 2026-12-08 on): logits and hidden states of the chunk positions it names; older
+        # programs give the last position's logits only
+        self._keep = "keep" in methods["prefill"].get("inputs", [])
+        self._hidden: np.ndarray | None = None
+        drafter = self.entry.get("drafter")
+        if drafter and not ("draft" in available and self._keep):
+            raise ArtifactError(f"{pte}: the manifest names a drafter but the program has no `draft` method or no "
+                                "`keep` input (re-export the artifact)")
+        self._wanted = wanted | ({"draft"} if drafter else set())
+        # the drafter's method too: loaded on its first call, its set-up would land inside the first decode round
+        self._methods = {m: self._program.load_method(m)
+                         for m in ("embed", "prefill", "decode", *(("draft",) if drafter else ()))}
         release_mapped_pages(ptd, unlock=True)
         if "reset" not in available:
             raise ArtifactError(f"{pte}: the program has no `reset` method (it zeroes the KV caches after loading; "
                                 "re-export the artifact)")
         self._run("reset")  # the caches are planned memory: zero them once, masked slots must be finite
         self.capabilities = Capabilities(context=self.context, max_prefill_chunk=chunk, hidden_size=H, vocab_size=V,
-                                         vision="vision" in wanted, audio="audio" in wanted)
+                                         vision="vision" in wanted, audio="audio" in wanted,
+                                         drafter=bool(drafter))
 
     def _run(self, method: str, *arrays: np.ndarray) -> list[np.ndarray]:
         if method not in self._methods:
@@ -179,13 +192,48 @@ class ExecutorchBackend(Backend):
         return self._step("decode" if np.size(positions) == 1 else "prefill", embeds, ple_rows, positions)
 
     def _step(self, method: str, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        logits, _ = self._call(method, embeds, ple_rows, positions, last_only=True)
+        return logits[0]
+
+    def _call(self, method: str, embeds, ple_rows, positions, *,
+              last_only: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """One `prefill`/`decode` call; -> logits `[n, V]` and final hidden states `[n, H]` (None from a program
+        without `keep`) of the last position (`last_only`) or of every position."""
         embeds, ple_rows, positions = check_step_inputs(method, self.capabilities, self._ple, embeds, ple_rows,
                                                         positions)
         S = positions.size
-        if S == 1:
-            method = "decode"
-        logits = self._run(method, embeds[None], ple_rows[None], positions)[0]
-        return logits[0].copy()
+        method = "decode" if S == 1 else "prefill"
+        if not self._keep:
+            return self._run(method, embeds[None], ple_rows[None], positions)[0].copy(), None
+        keep = np.asarray([S - 1] if last_only else np.arange(S), np.int64)
+        logits, hidden = self._run(method, embeds[None], ple_rows[None], positions, keep)
+        self._hidden = hidden[-1].copy()
+        return logits.copy(), hidden.copy()
+
+    # -- speculative decoding (artifacts with a drafter) ----------------------------------------------------------
+
+    def verify(self, embeds: np.ndarray, ple_rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self.capabilities.drafter:
+            return super().verify(embeds, ple_rows, positions)
+        return self._call("verify", embeds, ple_rows, positions, last_only=False)
+
+    def last_hidden(self) -> np.ndarray:
+        if not self.capabilities.drafter:
+            return super().last_hidden()
+        if self._hidden is None:
+            raise BackendError("executorch: no hidden state yet (call prefill first)")
+        return self._hidden.copy()
+
+    def draft(self, token_embed: np.ndarray, hidden: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.capabilities.drafter:
+            return super().draft(token_embed, hidden, position)
+        H = self.capabilities.hidden_size
+        if not 0 < int(position) < self.context:
+            raise ValueError(f"draft: position {position} must be in 1..{self.context - 1}")
+        logits, projected = self._run("draft", np.asarray(token_embed, np.float32).reshape(1, 1, H),
+                                      np.asarray(hidden, np.float32).reshape(1, 1, H),
+                                      np.asarray([int(position)], np.int64))
+        return logits[0].copy(), projected[0].copy()
 
     def reset(self) -> None:
         """Nothing to clear: masks are built from positions, so slots beyond the new prefix are never read."""

@@ -7,6 +7,10 @@
 * One fp32 artifact with the onnx, executorch and litert backends: the same 32 greedy tokens from each (our engine)
   and from the eager model, for a prompt longer than the sliding window.
 * `edge-gemma run --backend executorch` with an image and an audio clip answers exactly as `--backend onnx`.
+* The drafter (speculative decoding): the fp32 artifact of the embedded model carries its drafter as the `draft`
+  method; one draft step equals the eager `DraftStep` on the same cache values (put in with `load_caches`, so the
+  method reads the buffers prefill and decode write); a verify call gives every position's logits and hidden states
+  within 1e-4 of eager; greedy speculative output equals plain greedy output (draft auto, 1, 3, 8; with media).
 * int4 / int8: the `.pte` vs the eager model running the SAME integers with XNNPACK's per-token int8 activation
   quantization emulated (`export/executorch/reference.py`): teacher-forced top-1 agreement >= 98 % over 256 held-out
   tokens, both with a shared history (`load_caches` gives the program the eager model's caches before each position)
@@ -254,6 +258,117 @@ def test_pte_and_ptd_hold_no_ple_table(fp32_artifact):
     assert shapes[1] == (1, 1, cfg["num_hidden_layers"], cfg["hidden_size_per_layer_input"])
 
 
+# ------------------------------------------------------------------------------------ the drafter (issue 23)
+SPEC_PROMPTS = ("What does os.path.join do?", "Explain json.dumps.", "What is a context manager?",
+                "How do I read a file line by line?")
+
+
+def test_fp32_artifact_has_the_drafter_and_its_method(fp32_artifact):
+    """`build_artifact(default, ...)` exports the embedded model's drafter into the program (the `draft` method)."""
+    entry = Artifact(fp32_artifact).backends["executorch"]
+    assert entry["drafter"]["method"] == "draft" and entry["drafter"]["weights"] == "float32"
+    assert entry["methods"]["prefill"]["inputs"][-1] == "keep"
+    be = _backend(fp32_artifact)
+    assert be.capabilities.drafter
+
+
+def test_draft_method_is_the_eager_drafter_on_the_programs_caches(fp32_artifact):
+    """One `draft` call against `DraftStep` (the stored drafter weights) over the same cache values: random caches
+    put into the program with `load_caches`, so the method must read the buffers prefill and decode write (a frozen
+    copy would read zeros); the keys at and after `position` (set here to large values) must be masked out."""
+    from edge_gemma.checkpoint import load_model
+    from edge_gemma.drafter import load_drafter
+    from edge_gemma.model.drafter import DraftStep
+    from edge_gemma.paths import DEFAULT_DRAFTER
+
+    art = Artifact(fp32_artifact)
+    be = _backend(art)
+    cfg = load_model(DEFAULT, max_len=CONTEXT_FP32).cfg.text
+    names = art.backends["executorch"]["methods"]["load_caches"]["inputs"]
+    meta = be._program.metadata("load_caches")
+    rng = np.random.default_rng(0)
+    position = 37
+    caches = {}
+    for i, name in enumerate(names):
+        a = rng.standard_normal(tuple(meta.input_tensor_meta(i).sizes())).astype(np.float32)
+        a[:, :, position:] = 1e3  # never visible to this draft step
+        caches[name] = a
+    be.load_caches(caches)
+    step = DraftStep(load_drafter(DEFAULT_DRAFTER, cfg)).eval()
+    kv = []
+    for c in art.backends["executorch"]["drafter"]["caches"]:
+        for kind in ("k", "v"):
+            kv.append(torch.from_numpy(caches[f"layers.{c['layer']}.self_attn.kv_cache.{kind}_cache"][:, :, :position]))
+    H = be.capabilities.hidden_size
+    token_embed, hidden = rng.standard_normal(H).astype(np.float32), rng.standard_normal(H).astype(np.float32)
+    logits, projected = be.draft(token_embed, hidden, position)
+    with torch.no_grad():
+        want_logits, want_projected = step(torch.from_numpy(token_embed).view(1, 1, H),
+                                           torch.from_numpy(hidden).view(1, 1, H), torch.tensor([position]), kv)
+    print(f"draft: max |logit diff| {np.abs(logits - want_logits[0].numpy()).max():.2e}")
+    assert np.abs(logits - want_logits[0].numpy()).max() <= 1e-4
+    assert np.abs(projected - want_projected[0].numpy()).max() <= 1e-4
+    again, _ = be.draft(token_embed, hidden, position)  # the method's write left the slot as it was
+    assert np.array_equal(again, logits)
+
+
+def test_verify_gives_every_positions_logits_and_hidden_states(fp32_artifact):
+    """A `verify` call (a prefill whose `keep` names every position) after a prefill: the logits and final hidden
+    states of each position within 1e-4 of the eager model's, and `last_hidden` is the last of them."""
+    from edge_gemma.checkpoint import load_model
+
+    lm = load_model(DEFAULT, max_len=CONTEXT_FP32).language_model
+    ids = torch.randint(3, 2000, (1, 30), generator=torch.Generator().manual_seed(3))
+    be = _backend(fp32_artifact)
+    with torch.no_grad():
+        emb, rows = lm.embed(ids), lm.ple_rows(ids)
+        for start, end in ((0, CHUNK), (CHUNK, 24)):
+            be.prefill(emb[0, start:end].numpy(), rows[0, start:end].numpy(), np.arange(start, end))
+        lm(emb[:, :24], rows[:, :24], torch.arange(24), last_only=True)
+        hidden_ref = lm.hidden_states(emb[:, 24:], rows[:, 24:], torch.arange(24, 30))[0]
+        logits_ref = lm.logits(hidden_ref[None])[0]
+    logits, hidden = be.verify(emb[0, 24:].numpy(), rows[0, 24:].numpy(), np.arange(24, 30))
+    assert logits.shape == tuple(logits_ref.shape) and hidden.shape == tuple(hidden_ref.shape)
+    assert np.abs(logits - logits_ref.numpy()).max() < 1e-4
+    assert np.abs(hidden - hidden_ref.numpy()).max() < 1e-4
+    assert np.array_equal(be.last_hidden(), hidden[-1])
+
+
+@pytest.mark.parametrize("draft", ["auto", 1, 3, 8])
+def test_executorch_greedy_speculative_output_equals_plain_greedy(fp32_artifact, draft):
+    """Greedy output with drafts equals plain greedy output token for token on the ExecuTorch backend (the drafts
+    come from the program's `draft` method, the verify calls are prefill calls over every position)."""
+    import edge_gemma
+
+    with edge_gemma.open(fp32_artifact, backend="executorch", threads=2) as m:
+        assert m.engine.backend.capabilities.drafter
+        drafted = 0
+        for prompt in SPEC_PROMPTS:
+            plain = m.generate(prompt, max_new_tokens=40, draft="off").result()
+            fast = m.generate(prompt, max_new_tokens=40, draft=draft).result()
+            assert fast.token_ids == plain.token_ids, prompt
+            drafted += fast.stats.draft_len is not None
+        if draft != "auto":
+            assert drafted == len(SPEC_PROMPTS)
+
+
+def test_executorch_speculative_with_image_and_audio_equals_plain(fp32_artifact):
+    """Media soft tokens in the prompt change nothing in the loop."""
+    import edge_gemma
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8))
+    audio = (0.1 * rng.standard_normal(8000)).astype(np.float32)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "audio", "audio": audio, "sample_rate": 16000},
+                                             {"type": "text", "text": "Describe both."}]}]
+    with edge_gemma.open(fp32_artifact, backend="executorch", threads=2, max_soft_tokens=70) as m:
+        plain = m.generate(messages, max_new_tokens=32, draft="off").result().token_ids
+        fast = m.generate(messages, max_new_tokens=32, draft=4).result().token_ids
+    assert fast == plain
+
+
 # ----------------------------------------------------------------------------------------------------- quantized
 def _heldout_ids() -> list[int]:
     from tokenizers import Tokenizer
@@ -287,7 +402,9 @@ def test_quantized_teacher_forced_agreement(recipe, quantized_default, request):
             # shared history: the program gets the eager model's caches (positions < p), then both decode position p
             be.load_caches({n: b.numpy() for n, b in caches})
             shared.append(be.decode(e[p:p + 1], rows[p:p + 1], np.array([p])))
-            ref.append(dec(emb[None, p:p + 1], torch.from_numpy(rows[None, p:p + 1]), torch.tensor([p]))[0].numpy())
+            logits, _ = dec(emb[None, p:p + 1], torch.from_numpy(rows[None, p:p + 1]), torch.tensor([p]),
+                            torch.tensor([0]))
+            ref.append(logits[0].numpy())
     ref, shared = np.stack(ref), np.stack(shared)
     # own history: the program on its own caches (every slot is rewritten from position 0 on)
     own = np.stack([be.decode(e[p:p + 1], rows[p:p + 1], np.array([p])) for p in range(N_TOKENS)])

@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(fewer partitions; logits a few hundredths off the emulated eager model)")
     parser.add_argument("--drafter", default=None, metavar="DIR",
                         help="a Gemma 4 assistant checkpoint for speculative decoding, exported beside the model by "
-                             "the backends that support it (ONNX so far); 'none' for no drafter (default: the "
-                             "embedded model's own drafter for 'default', none otherwise)")
+                             "the backends that support it (ONNX and ExecuTorch so far); 'none' for no drafter "
+                             "(default: the embedded model's own drafter for 'default', none otherwise)")
     parser.add_argument("--no-check", action="store_true", help="skip the fidelity check against the float model")
     parser.add_argument("--fidelity-tokens", type=int, default=64, help="held-out tokens for the fidelity check")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

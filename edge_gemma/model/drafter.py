@@ -29,7 +29,8 @@ from .attention import GroupedSDPA
 from .layers import RMSNorm
 from .text import TextMLP, apply_rope, rope_cos_sin, rope_inv_freq
 
-__all__ = ["CentroidHead", "Drafter", "DrafterConfig", "assisted_greedy", "drafter_masks"]
+__all__ = ["CentroidHead", "DraftStep", "Drafter", "DrafterConfig", "assisted_greedy", "drafter_cache_layers",
+           "drafter_kinds", "drafter_masks"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,6 +184,38 @@ class Drafter(nn.Module):
             w = self.model.embed_tokens.weight
             logits = F.linear(h, w if w.dtype == h.dtype else w.to(h.dtype))
         return logits, self.post_projection(h)
+
+
+def drafter_kinds(drafter: nn.Module) -> list[bool]:
+    """The layer kinds (sliding flag) the drafter reads target caches of, sliding first."""
+    sliding = {not drafter.cfg.is_full(i) for i in range(drafter.cfg.num_hidden_layers)}
+    return [kind for kind in (True, False) if kind in sliding]
+
+
+def drafter_cache_layers(text, kinds: list[bool]) -> dict[bool, int]:
+    """`{sliding flag: the target's last cache-owning layer of that kind}`: the caches a drafter step reads."""
+    return {kind: max(i for i in text.cache_layers if text.is_full(i) != kind) for kind in kinds}
+
+
+class DraftStep(nn.Module):
+    """One draft step for export: `(token_embed [1,1,Ht], hidden [1,1,Ht], position [1], kv)` -> `(logits [1,V],
+    projected [1,Ht])` of `Drafter` over the target's caches. `kv` is the K and V `[1,nkv,T,hd]` of the target's last
+    cache layer of each kind the drafter has (`drafter_kinds` order, sliding first), any T: slot j holds position j,
+    and the masks keep the keys before `position` (`drafter_masks`). The ONNX exporter's `drafter.onnx` and the
+    ExecuTorch program's `draft` method are this module."""
+
+    def __init__(self, drafter: Drafter):
+        super().__init__()
+        self.drafter = drafter
+        self.kinds = drafter_kinds(drafter)
+
+    def forward(self, token_embed: torch.Tensor, hidden: torch.Tensor, position: torch.Tensor, kv: list[torch.Tensor]):
+        pos = position.view(1, 1)
+        caches = {kind: (kv[2 * n], kv[2 * n + 1]) for n, kind in enumerate(self.kinds)}
+        slots = {kind: torch.arange(k.shape[2], device=k.device) for kind, (k, _) in caches.items()}
+        masks = drafter_masks(pos, slots, self.drafter.cfg.sliding_window)
+        logits, projected = self.drafter(token_embed, hidden, pos, caches, masks)
+        return logits[:, 0], projected[:, 0]
 
 
 @torch.no_grad()

@@ -18,10 +18,12 @@ device, only the tensors the methods use are materialised; the PLE table is neve
 `ple.bin`) and is not part of the module.
 
 Method modules (batch 1 added inside): `EmbedMethod` ids [S] -> [S, H]; `DecoderMethod` (prefill and decode: the same
-module exported twice, S dynamic and S = 1) -> logits [1, V] of the last position, caches as mutable buffers updated
-in place by the eager `KVCache.update` (`index_copy_`); `CacheReset` () -> zeros the same buffers (called once at load:
-the caches are planned memory, not serialized zeros); the towers are `export/common.VisionGraph`/`AudioGraph` inside
-`Scoped` so that every method's constants have names of their own in the shared `.ptd`.
+module exported twice, S dynamic and S = 1) -> logits [n, V] and hidden states [n, H] of the chunk positions `keep`
+(the last one, or all of them for a speculative verify call), caches as mutable buffers updated in place by the eager
+`KVCache.update` (`index_copy_`); `CacheReset` () -> zeros the same buffers (called once at load: the caches are
+planned memory, not serialized zeros); `DraftMethod` one drafter step over the same buffers, in place; the towers
+are `export/common.VisionGraph`/`AudioGraph` inside `Scoped` so that every method's constants have names of their own
+in the shared `.ptd`.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel
 from ..common import EMBED
 from .swaps import replace_for_executorch
 
-__all__ = ["CacheLoad", "CacheReset", "DecoderMethod", "EmbedMethod", "EtLinears", "EtModel", "ExecutorchExportError",
-           "Scoped", "cache_buffers", "intx_weight", "load_et_model", "stored_from_intx"]
+__all__ = ["CacheLoad", "CacheReset", "DecoderMethod", "DraftMethod", "EmbedMethod", "EtLinears", "EtModel",
+           "ExecutorchExportError", "Scoped", "cache_buffers", "intx_weight", "load_et_model", "stored_from_intx"]
 
 log = logging.getLogger(__name__)
 
@@ -160,19 +162,51 @@ class EmbedMethod(nn.Module):
 
 
 class DecoderMethod(nn.Module):
-    """`(inputs_embeds [1,S,H], ple_rows [1,S,L,P], positions [S]) -> logits [1, V]` of the last position.
+    """`(inputs_embeds [1,S,H], ple_rows [1,S,L,P], positions [S], keep [n]) -> (logits [n, V], hidden [n, H])` of the
+    chunk positions `keep` (indices into the chunk).
 
     The one decoder with its static caches (`layers.i.self_attn.kv_cache.{k,v}_cache`, cache-owning layers only),
     swapped for ExecuTorch (`swaps.replace_for_executorch`: attention over the cache slots in use, key-major one-token
-    attention, `head` as the tied head),
-    run with `last_only=True`."""
+    attention, `head` as the tied head). Like the ONNX decoder graph, the KV-shared layers and the head run on the
+    `keep` positions only: a prefill or decode step asks for its last position (`[S - 1]`: the head costs what it
+    cost before), a speculative verify call for all of them; the final normed hidden states are what a drafter step
+    starts from."""
 
     def __init__(self, lm: nn.Module, head: nn.Module):
         super().__init__()
         self.lm = replace_for_executorch(lm, head)
 
-    def forward(self, inputs_embeds: torch.Tensor, ple_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.lm(inputs_embeds, ple_rows, positions, last_only=True)[:, -1]
+    def forward(self, inputs_embeds: torch.Tensor, ple_rows: torch.Tensor, positions: torch.Tensor,
+                keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.lm.hidden_states(inputs_embeds, ple_rows, positions, keep=keep)  # (1, n, H)
+        return self.lm.logits(hidden)[0], hidden[0]
+
+
+class DraftMethod(nn.Module):
+    """`(token_embed [1,1,H], hidden [1,1,H], position [1]) -> (logits [1, V], projected [1, H])`: one step of the
+    drafter (`edge_gemma.model.drafter.DraftStep`) over the target's KV caches in place, the buffers of the layers
+    `layers` (`{sliding flag: cache layer}`), the slots before `position` only.
+
+    ExecuTorch shares a buffer between methods only if every method that names it mutates it (a buffer a method only
+    reads is a constant of that method: a frozen copy of the zeros). So the step first writes back the value the slot
+    `position` holds (a no-op, one slot), which makes the caches this method's mutable buffers, planned in the memory
+    `prefill`/`decode` write. `self.lm` names the buffers exactly as `DecoderMethod` does."""
+
+    def __init__(self, lm: nn.Module, step: nn.Module, layers: dict[bool, int]):
+        super().__init__()
+        self.lm, self.step, self.layers = lm, step, layers
+
+    def forward(self, token_embed: torch.Tensor, hidden: torch.Tensor, position: torch.Tensor):
+        end = torch.ops.aten._local_scalar_dense(position[0])  # the keys before the last token's position
+        torch._check(end >= 1)
+        torch._check(end < self.lm.layers[self.layers[self.step.kinds[0]]].self_attn.kv_cache.max_len)
+        kv = []
+        for kind in self.step.kinds:
+            cache = self.lm.layers[self.layers[kind]].self_attn.kv_cache
+            for buf in (cache.k_cache, cache.v_cache):
+                buf.index_copy_(2, position, buf.index_select(2, position))
+                kv.append(buf.narrow(2, 0, end))
+        return self.step(token_embed, hidden, position, kv)
 
 
 def cache_buffers(lm: nn.Module) -> list[tuple[str, torch.Tensor]]:

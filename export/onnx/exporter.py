@@ -23,7 +23,7 @@ Graphs (all batch 1):
                  wanted), the old caches -> logits [1,n,V] and final normed hidden states [1,n,H] of those positions
                  and the new K/V [1,nkv,S,hd]. One graph, S and n dynamic (1..max_prefill_chunk): prefill, decode and
                  speculative verify calls share the prepacked weights. The tied LM head is MatMulNBits over the same integers as the embedder's table.
-  drafter.onnx   (with a drafter, `graphs.DrafterGraph`) one draft step: token_embed [1,1,H], hidden [1,1,H],
+  drafter.onnx   (with a drafter, `model.drafter.DraftStep`) one draft step: token_embed [1,1,H], hidden [1,1,H],
                  position [1], the K/V of the target's last sliding and full cache layers [1,nkv,T,hd] (T dynamic)
                  -> logits [1,V], projected [1,H]. Float32 weights (the embedded model's drafter is 0.7 M parameters;
                  quantizing a full-size drafter with the recipes is not done yet).
@@ -54,7 +54,7 @@ from edge_gemma.config import ModelConfig
 from edge_gemma.quantize.schemes import Int4Group, Int4GroupAsym, Int8PerChannel, Scheme
 
 from ..common import AudioGraph, ExportModel, VisionGraph, load_export_model
-from .graphs import CachedDecoder, DrafterGraph, cache_names
+from .graphs import CachedDecoder, cache_names
 from .ops import ACCURACY_LEVEL, TRANSLATION_TABLE, QuantLinear, int8_block_size
 
 __all__ = ["OPSET", "OnnxExportError", "OnnxLinears", "audio_frame_layout", "export_backend", "export_onnx",
@@ -291,14 +291,15 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, *, context: int,
 
 
 def write_drafter_graph(drafter_dir: Path, text, out_dir: Path, rel_prefix: str, context: int) -> dict[str, Any]:
-    """`drafter.onnx` (`graphs.DrafterGraph`) from a Gemma 4 assistant checkpoint; -> the manifest's `drafter` entry:
-    the file, its cache inputs (which target cache layer feeds each) and the drafter's size."""
+    """`drafter.onnx` (`edge_gemma.model.drafter.DraftStep`) from a Gemma 4 assistant checkpoint; -> the manifest's
+    `drafter` entry: the file, its cache inputs (which target cache layer feeds each) and the drafter's size."""
     from edge_gemma.drafter import load_drafter
+    from edge_gemma.model.drafter import DraftStep, drafter_cache_layers
 
     log.info("onnx: drafter graph (%s)", drafter_dir)
-    graph = DrafterGraph(load_drafter(drafter_dir, text)).eval()
+    graph = DraftStep(load_drafter(drafter_dir, text)).eval()
     H, caches, names = text.hidden_size, [], []
-    layers = {kind: max(i for i in text.cache_layers if text.is_full(i) != kind) for kind in graph.kinds}
+    layers = drafter_cache_layers(text, graph.kinds)
     slots = torch.export.Dim("slots", min=1, max=context)
     for kind in graph.kinds:
         i = layers[kind]

@@ -14,7 +14,7 @@ from torch import nn
 
 from .swaps import replace_for_onnx
 
-__all__ = ["CachedDecoder", "DrafterGraph", "cache_names", "drafter_kinds"]
+__all__ = ["CachedDecoder", "cache_names"]
 
 
 def cache_names(cache_layers: tuple[int, ...]) -> tuple[list[str], list[str]]:
@@ -40,32 +40,3 @@ class CachedDecoder(nn.Module):
         self.decoder.masks.bind(past[0].shape[2])
         hidden = self.decoder.hidden_states(inputs_embeds, ple_rows, positions, keep=keep)  # (1, n, H)
         return (self.decoder.logits(hidden), hidden, *(t for cache in self.caches for t in cache.new))
-
-
-def drafter_kinds(drafter: nn.Module) -> list[bool]:
-    """The layer kinds (sliding flag) the drafter reads target caches of, sliding first."""
-    sliding = {not drafter.cfg.is_full(i) for i in range(drafter.cfg.num_hidden_layers)}
-    return [kind for kind in (True, False) if kind in sliding]
-
-
-class DrafterGraph(nn.Module):
-    """`drafter.onnx`: `(token_embed [1,1,Ht], hidden [1,1,Ht], position [1], *kv)` -> `(logits [1,V],
-    projected [1,Ht])`, one draft step of `edge_gemma.model.drafter.Drafter` over the target's caches: `kv` is the K
-    and V `[1,nkv,T,hd]` of the target's last cache layer of each kind the drafter has (sliding first), T dynamic
-    (the runtime binds its cache arrays as they are; slot j holds position j, and the masks keep keys before
-    `position`: `drafter_masks`)."""
-
-    def __init__(self, drafter: nn.Module):
-        super().__init__()
-        self.drafter = drafter
-        self.kinds = drafter_kinds(drafter)
-
-    def forward(self, token_embed: torch.Tensor, hidden: torch.Tensor, position: torch.Tensor, kv: list[torch.Tensor]):
-        from edge_gemma.model.drafter import drafter_masks
-
-        pos = position.view(1, 1)
-        caches = {kind: (kv[2 * n], kv[2 * n + 1]) for n, kind in enumerate(self.kinds)}
-        slots = {kind: torch.arange(k.shape[2], device=k.device) for kind, (k, _) in caches.items()}
-        masks = drafter_masks(pos, slots, self.drafter.cfg.sliding_window)
-        logits, projected = self.drafter(token_embed, hidden, pos, caches, masks)
-        return logits[:, 0], projected[:, 0]
