@@ -270,8 +270,14 @@ def test_quantized_teacher_forced_agreement(recipe, quantized_default, request):
         print(f"{recipe} ({'shared' if shared else 'own'} history): top-1 agreement {agree:.3f}, max |logit diff| "
               f"{diff.max():.3g}, 99th percentile {np.percentile(diff, 99):.3g}, median {np.median(diff):.2e}")
         assert agree >= 0.98
-        if shared:  # int8 activation blocks of 32 (export/onnx/ops.int8_block_size): max 0.043 (int4), 0.047 (int8)
-            assert diff.max() <= 0.05
+        if shared:
+            # int4 groups and int8 activation blocks of 32 (export/onnx/ops.int8_block_size): max 0.043 (int4), 0.047
+            # (int8). gemma4-mixed48's int4 groups of 128 quantize the activations in blocks of 128 (MatMulNBits
+            # accuracy_level 4 rounds A per weight block), a coarser step, so one flipped code moves its position
+            # further: measured 0.060 on a machine without AVX-512 (MLAS's AVX2 kernels); 99 % of positions stay
+            # within 0.05 for every recipe
+            assert diff.max() <= (0.1 if recipe == "gemma4-mixed48" else 0.05)
+            assert np.percentile(diff, 99) <= 0.05
             assert np.median(diff) <= 1e-4  # the rounding itself is reproduced exactly
         else:
             assert diff.max() <= 0.1
