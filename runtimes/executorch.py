@@ -153,7 +153,7 @@ class ExecutorchBackend(Backend):
         if drafter and not ("draft" in available and self._keep):
             raise ArtifactError(f"{pte}: the manifest names a drafter but the program has no `draft` method or no "
                                 "`keep` input (re-export the artifact)")
-        self._wanted = wanted | ({"draft"} if drafter else set())
+        self._wanted = wanted
         # the drafter's method too: loaded on its first call, its set-up would land inside the first decode round
         self._methods = {m: self._program.load_method(m)
                          for m in ("embed", "prefill", "decode", *(("draft",) if drafter else ()))}
@@ -195,20 +195,21 @@ class ExecutorchBackend(Backend):
         logits, _ = self._call(method, embeds, ple_rows, positions, last_only=True)
         return logits[0]
 
-    def _call(self, method: str, embeds, ple_rows, positions, *,
+    def _call(self, what: str, embeds, ple_rows, positions, *,
               last_only: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """One `prefill`/`decode` call; -> logits `[n, V]` and final hidden states `[n, H]` (None from a program
-        without `keep`) of the last position (`last_only`) or of every position."""
-        embeds, ple_rows, positions = check_step_inputs(method, self.capabilities, self._ple, embeds, ple_rows,
+        """One `decode` (one token) or `prefill` call (`what` names it in errors); -> logits `[n, V]` and final
+        hidden states `[n, H]` (None from a program without `keep`) of the last position (`last_only`) or of every
+        position. The outputs are copied once: the program reuses their memory on its next call."""
+        embeds, ple_rows, positions = check_step_inputs(what, self.capabilities, self._ple, embeds, ple_rows,
                                                         positions)
         S = positions.size
         method = "decode" if S == 1 else "prefill"
         if not self._keep:
             return self._run(method, embeds[None], ple_rows[None], positions)[0].copy(), None
         keep = np.asarray([S - 1] if last_only else np.arange(S), np.int64)
-        logits, hidden = self._run(method, embeds[None], ple_rows[None], positions, keep)
-        self._hidden = hidden[-1].copy()
-        return logits.copy(), hidden.copy()
+        logits, hidden = (o.copy() for o in self._run(method, embeds[None], ple_rows[None], positions, keep))
+        self._hidden = hidden[-1]
+        return logits, hidden
 
     # -- speculative decoding (artifacts with a drafter) ----------------------------------------------------------
 

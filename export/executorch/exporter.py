@@ -59,10 +59,11 @@ def export_executorch(checkpoint: str | Path, out_dir: Path, *, context: int, ma
     artifact root, i.e. prefixed by `rel_prefix`).
 
     `precise` (the default) leaves XNNPACK's approximate transcendental kernels (gelu, exp, softmax, rsqrt, ...; tanh,
-    within a few ulp, is delegated, GELU written out around it) to ExecuTorch's portable kernels, fp32 and quantized alike: delegated, they move the logits by a few hundredths
-    against the XNNPACK-emulated eager model at every position, while the precise program reproduces the int8
-    activation rounding exactly (figures in benchmarks/README.md). Every excluded op splits the XNNPACK delegate, so
-    there are many partitions (`lower.py` keeps that affordable). `precise=False` (`edge-gemma export
+    within a few ulp, is delegated, GELU written out around it) to ExecuTorch's portable kernels, fp32 and quantized
+    alike: delegated, they move the logits by a few hundredths against the XNNPACK-emulated eager model at every
+    position, while the precise program reproduces the int8 activation rounding exactly (figures in
+    benchmarks/README.md). Every excluded op splits the XNNPACK delegate, so there are many partitions (`lower.py`
+    keeps that affordable). `precise=False` (`edge-gemma export
     --executorch-delegate-all`) delegates everything: fewer partitions, logits a few hundredths off.
 
     `drafter` (a Gemma 4 assistant checkpoint directory): adds the `draft` method (`DraftMethod`, float32 weights)
